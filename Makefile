@@ -1,0 +1,35 @@
+# r1jax: `make train RECIPE=r1_zero` and `make test` bootstrap .venv from setup.cfg on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RECIPE ?= r1_zero
+ARGS ?=
+
+.PHONY: venv train eval sample test test-slow bench bench-sampler clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python -m r1jax train --recipe $(RECIPE) $(ARGS)
+
+eval: $(STAMP)
+	$(BIN)/python -m r1jax eval --recipe $(RECIPE) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
+
+bench: $(STAMP)
+	$(BIN)/python -m r1jax.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""r1jax: the DeepSeek-R1 training recipe in JAX."""

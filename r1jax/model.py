@@ -1,0 +1,418 @@
+"""Decoder-only transformer for the Llama / Qwen2 / Qwen3 families, in Flax NNX.
+
+Shapes: B rows, T query length, S key/cache length, D width, F MLP hidden, V vocab,
+N query heads, K kv heads, R = N/K, H head dim, L layers.
+
+Layers are stored stacked (a leading L axis on every block weight) and run with one
+`lax.scan`, so compile time does not grow with depth. Parameters carry logical axis
+names in their `axes` metadata; r1jax.sharding maps them to the mesh.
+"""
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from kernels.attention import attention
+from r1jax import sharding
+from r1jax.sharding import ActivationSharding
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's "llama3" frequency scaling of RoPE (long-context extension)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2/2.5
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k
+    tie_embeddings: bool = False
+    max_seq_len: int = 32768
+    # "auto": bf16 compute on accelerators, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+    attn_impl: Literal["xla", "cudnn", "reference"] = "xla"
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        for field, allowed in (
+            ("dtype", ("auto", "float32", "bfloat16")),
+            ("param_dtype", ("float32", "bfloat16")),
+            ("remat", ("none", "full", "dots")),
+            ("attn_impl", ("xla", "cudnn", "reference")),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose from {allowed}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        if self.dtype == "auto":
+            return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.dtype(self.dtype)
+
+    @property
+    def num_params(self) -> int:
+        D, F, N, K, H = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
+        attn = D * (N + 2 * K) * H + N * H * D + (N + 2 * K) * H * self.qkv_bias + 2 * H * self.qk_norm
+        block = attn + 3 * D * F + 2 * D
+        return self.n_layers * block + self.vocab_size * D * (1 if self.tie_embeddings else 2) + D
+
+    # Named presets. Sizes from the models' Hugging Face config.json files.
+    @classmethod
+    def toy(cls) -> "ModelConfig":
+        """The embedded CPU default: trains in minutes on a laptop."""
+        return cls("toy", vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                   head_dim=32, d_ff=384, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512)
+
+    @classmethod
+    def _qwen2(cls, name, V, D, L, N, K, F, tie, theta=1e6, max_len=32768) -> "ModelConfig":
+        return cls(name, vocab_size=V, d_model=D, n_layers=L, n_heads=N, n_kv_heads=K,
+                   head_dim=D // N, d_ff=F, rope_theta=theta, qkv_bias=True,
+                   tie_embeddings=tie, max_seq_len=max_len)
+
+    @classmethod
+    def qwen2_5_0_5b(cls):
+        return cls._qwen2("qwen2.5-0.5b", 151936, 896, 24, 14, 2, 4864, tie=True)
+
+    @classmethod
+    def qwen2_5_1_5b(cls):
+        return cls._qwen2("qwen2.5-1.5b", 151936, 1536, 28, 12, 2, 8960, tie=True)
+
+    @classmethod
+    def qwen2_5_7b(cls):
+        return cls._qwen2("qwen2.5-7b", 152064, 3584, 28, 28, 4, 18944, tie=False)
+
+    @classmethod
+    def deepseek_r1_distill_qwen_1_5b(cls):
+        return cls._qwen2("deepseek-r1-distill-qwen-1.5b", 151936, 1536, 28, 12, 2, 8960,
+                          tie=False, theta=10000.0, max_len=131072)
+
+    @classmethod
+    def deepseek_r1_distill_qwen_7b(cls):
+        return cls._qwen2("deepseek-r1-distill-qwen-7b", 152064, 3584, 28, 28, 4, 18944,
+                          tie=False, theta=10000.0, max_len=131072)
+
+    @classmethod
+    def _qwen3(cls, name, D, L, N, F, tie) -> "ModelConfig":
+        return cls(name, vocab_size=151936, d_model=D, n_layers=L, n_heads=N, n_kv_heads=8,
+                   head_dim=128, d_ff=F, rope_theta=1e6, qk_norm=True, tie_embeddings=tie,
+                   max_seq_len=40960)
+
+    @classmethod
+    def qwen3_0_6b(cls):
+        return cls._qwen3("qwen3-0.6b", 1024, 28, 16, 3072, tie=True)
+
+    @classmethod
+    def qwen3_1_7b(cls):
+        return cls._qwen3("qwen3-1.7b", 2048, 28, 16, 6144, tie=True)
+
+    @classmethod
+    def qwen3_8b(cls):
+        return cls._qwen3("qwen3-8b", 4096, 36, 32, 12288, tie=False)
+
+    @classmethod
+    def _llama3(cls, name, D, L, N, F, tie) -> "ModelConfig":
+        scaling = RopeScaling(factor=32.0 if tie else 8.0, low_freq_factor=1.0,
+                              high_freq_factor=4.0, original_max_position=8192)
+        return cls(name, vocab_size=128256, d_model=D, n_layers=L, n_heads=N, n_kv_heads=8,
+                   head_dim=D // N, d_ff=F, rope_theta=500000.0, rope_scaling=scaling,
+                   norm_eps=1e-5, tie_embeddings=tie, max_seq_len=131072)
+
+    @classmethod
+    def llama3_2_1b(cls):
+        return cls._llama3("llama3.2-1b", 2048, 16, 32, 8192, tie=True)
+
+    @classmethod
+    def llama3_1_8b(cls):
+        return cls._llama3("llama3.1-8b", 4096, 32, 32, 14336, tie=False)
+
+    @classmethod
+    def smollm2_135m(cls):
+        return cls("smollm2-135m", vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                   n_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=100000.0, norm_eps=1e-5,
+                   tie_embeddings=True, max_seq_len=8192)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        return getattr(cls, PRESETS[name])()
+
+
+PRESETS = {
+    "toy": "toy",
+    "qwen2.5-0.5b": "qwen2_5_0_5b",
+    "qwen2.5-1.5b": "qwen2_5_1_5b",
+    "qwen2.5-7b": "qwen2_5_7b",
+    "qwen3-0.6b": "qwen3_0_6b",
+    "qwen3-1.7b": "qwen3_1_7b",
+    "qwen3-8b": "qwen3_8b",
+    "llama3.2-1b": "llama3_2_1b",
+    "llama3.1-8b": "llama3_1_8b",
+    "deepseek-r1-distill-qwen-1.5b": "deepseek_r1_distill_qwen_1_5b",
+    "deepseek-r1-distill-qwen-7b": "deepseek_r1_distill_qwen_7b",
+    "smollm2-135m": "smollm2_135m",
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values for every layer. Slots [0, index) are written; `mask_BxS` marks
+    which written slots hold real tokens (left padding does not)."""
+
+    k_LxBxSxKxH: jax.Array
+    v_LxBxSxKxH: jax.Array
+    mask_BxS: jax.Array
+    index: jax.Array  # int32 scalar: next slot to write
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+        dtype = cfg.compute_dtype if dtype is None else dtype
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def bytes_per_row(cfg: ModelConfig, length: int, dtype=None) -> int:
+        """K and V for all layers: 2 * L * S * K * H * bytes(dtype)."""
+        itemsize = jnp.dtype(cfg.compute_dtype if dtype is None else dtype).itemsize
+        return 2 * cfg.n_layers * length * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+def rms_norm(x, scale, eps: float):
+    # In fp32 like the HF reference, then back to the compute dtype before scaling.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """inv_freq_H/2, with Llama 3's smooth low/high frequency scaling when configured."""
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    mid = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+    """HF "rotate half" convention: the two halves of each head form the pairs."""
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x_BxTxNxH.astype(jnp.float32) * cos_BxTxH[:, :, None] + rotated.astype(jnp.float32) * sin_BxTxH[:, :, None]
+    return out.astype(x_BxTxNxH.dtype)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, act_sharding: ActivationSharding | None = None):
+        self.cfg = cfg
+        self.act_sharding = act_sharding
+        L, D, F, V = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+
+        def dense(shape, axes, fan_in):
+            value = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, pd) / math.sqrt(fan_in)
+            return nnx.Param(value, axes=axes)
+
+        def const(shape, axes, fill):
+            return nnx.Param(jnp.full(shape, fill, pd), axes=axes)
+
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (V, D), pd) * 0.02, axes=("vocab", "embed"))
+        layers = {
+            "attn_norm": const((L, D), ("layers", None), 1.0),
+            "wq": dense((L, D, N, H), ("layers", "embed", "heads", None), D),
+            "wk": dense((L, D, K, H), ("layers", "embed", "kv_heads", None), D),
+            "wv": dense((L, D, K, H), ("layers", "embed", "kv_heads", None), D),
+            "wo": dense((L, N, H, D), ("layers", "heads", None, "embed"), N * H),
+            "mlp_norm": const((L, D), ("layers", None), 1.0),
+            "w_gate": dense((L, D, F), ("layers", "embed", "mlp"), D),
+            "w_up": dense((L, D, F), ("layers", "embed", "mlp"), D),
+            "w_down": dense((L, F, D), ("layers", "mlp", "embed"), F),
+        }
+        if cfg.qkv_bias:
+            layers["bq"] = const((L, N, H), ("layers", "heads", None), 0.0)
+            layers["bk"] = const((L, K, H), ("layers", "kv_heads", None), 0.0)
+            layers["bv"] = const((L, K, H), ("layers", "kv_heads", None), 0.0)
+        if cfg.qk_norm:
+            layers["q_norm"] = const((L, H), ("layers", None), 1.0)
+            layers["k_norm"] = const((L, H), ("layers", None), 1.0)
+        self.layers = nnx.Dict(layers)
+        self.final_norm = const((D,), (None,), 1.0)
+        if not cfg.tie_embeddings:
+            self.lm_head = dense((D, V), ("embed", "vocab"), D)
+
+    def _constrain(self, x, axes):
+        return x if self.act_sharding is None else self.act_sharding.constrain(x, axes)
+
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxT=None, cache: KVCache | None = None):
+        """Logits (fp32) for every position, and the updated cache (None without one)."""
+        h_BxTxD, cache = self.hidden(tokens_BxT, positions_BxT, mask_BxT, cache)
+        return self.logits(h_BxTxD), cache
+
+    def hidden(self, tokens_BxT, positions_BxT, mask_BxT=None, cache: KVCache | None = None):
+        """Final-normed hidden states; `mask_BxT` is False on padding tokens."""
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        B, T = tokens_BxT.shape
+        if mask_BxT is None:
+            mask_BxT = jnp.ones((B, T), bool)
+        x_BxTxD = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(dt)
+        x_BxTxD = self._constrain(x_BxTxD, ("batch", None, None))
+
+        angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(cfg)
+        angles_BxTxH = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)
+        cos_BxTxH, sin_BxTxH = jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
+
+        if cache is None:
+            q_slot_T = jnp.arange(T)
+            kv_mask_BxS = mask_BxT
+        else:
+            q_slot_T = cache.index + jnp.arange(T)
+            kv_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, cache.index))
+        S = kv_mask_BxS.shape[1]
+        causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
+        attn_mask_BxTxS = causal_TxS[None] & kv_mask_BxS[:, None, :]
+
+        def block(x_BxTxD, layer):
+            p, kv = layer
+            p = {name: w.astype(dt) for name, w in p.items()}
+            h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
+            q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"])
+            k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"])
+            v = jnp.einsum("BTD,DKH->BTKH", h, p["wv"])
+            if cfg.qkv_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            if cfg.qk_norm:
+                q = rms_norm(q, p["q_norm"], cfg.norm_eps)
+                k = rms_norm(k, p["k_norm"], cfg.norm_eps)
+            q = self._constrain(apply_rope(q, cos_BxTxH, sin_BxTxH), ("batch", None, "heads", None))
+            k = self._constrain(apply_rope(k, cos_BxTxH, sin_BxTxH), ("batch", None, "kv_heads", None))
+            v = self._constrain(v, ("batch", None, "kv_heads", None))
+            if kv is not None:
+                k_cache, v_cache = kv
+                k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache.index, 0, 0))
+                v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache.index, 0, 0))
+                kv = (k, v)
+            out = attention(q, k.astype(dt), v.astype(dt), attn_mask_BxTxS, impl=cfg.attn_impl)
+            x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", out, p["wo"])
+            h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
+            gate = jnp.einsum("BTD,DF->BTF", h, p["w_gate"])
+            up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
+            act = self._constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+            x_BxTxD = x_BxTxD + jnp.einsum("BTF,FD->BTD", act, p["w_down"])
+            return self._constrain(x_BxTxD, ("batch", None, None)), kv
+
+        if cfg.remat == "full":
+            block = jax.checkpoint(block, prevent_cse=False)
+        elif cfg.remat == "dots":
+            policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+            block = jax.checkpoint(block, prevent_cse=False, policy=policy)
+
+        params = {name: w.get_value() for name, w in self.layers.items()}
+        kv_in = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+        x_BxTxD, kv_out = jax.lax.scan(block, x_BxTxD, (params, kv_in))
+        if cache is not None:
+            cache = KVCache(kv_out[0], kv_out[1], kv_mask_BxS, cache.index + T)
+        return rms_norm(x_BxTxD, self.final_norm.get_value(), cfg.norm_eps), cache
+
+    def head_weight_DxV(self) -> jax.Array:
+        return self.embed.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
+
+    def logits(self, h_BxTxD):
+        w_DxV = self.head_weight_DxV().astype(h_BxTxD.dtype)
+        logits = jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+        return self._constrain(logits, ("batch", None, "vocab"))
+
+    def token_logprobs(self, tokens_BxT, positions_BxT, mask_BxT, targets_BxT, *,
+                       temperature: float = 1.0, chunk: int = 256):
+        """log_softmax(logits / temperature) at `targets_BxT`, and the entropy.
+
+        Never holds the full fp32 BxTxV logits: the head runs over chunks of `chunk`
+        positions inside a rematerialised loop, so forward and backward both peak at
+        one BxchunkxV block (what RL on 150k-vocab models needs).
+        """
+        h_BxTxD, _ = self.hidden(tokens_BxT, positions_BxT, mask_BxT)
+        return chunked_logprobs(h_BxTxD, self.head_weight_DxV(), targets_BxT,
+                                temperature=temperature, chunk=chunk)
+
+
+def chunked_logprobs(h_BxTxD, w_DxV, targets_BxT, *, temperature: float = 1.0, chunk: int = 256):
+    """(logp_BxT, entropy_BxT) of the head `w_DxV` over `h`, one chunk of T at a time."""
+    B, T, D = h_BxTxD.shape
+    chunk = min(chunk, T)
+    n_chunks = -(-T // chunk)
+    pad = n_chunks * chunk - T
+    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    tgt = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    h_CxBxtxD = h.reshape(B, n_chunks, chunk, D).swapaxes(0, 1)
+    tgt_CxBxt = tgt.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    w_DxV = w_DxV.astype(h_BxTxD.dtype)
+
+    @jax.checkpoint
+    def one(args):
+        h_Bxtxd, tgt_Bxt = args
+        logits = jnp.einsum("BTD,DV->BTV", h_Bxtxd, w_DxV, preferred_element_type=jnp.float32)
+        logits = logits / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, tgt_Bxt[..., None], axis=-1)[..., 0] - lse
+        probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+        entropy = jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
+        return logp, entropy
+
+    logp_CxBxt, ent_CxBxt = jax.lax.map(one, (h_CxBxtxD, tgt_CxBxt))
+    logp_BxT = logp_CxBxt.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    ent_BxT = ent_CxBxt.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    return logp_BxT, ent_BxT
+
+
+def create_model(
+    cfg: ModelConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules = sharding.TRAIN_RULES,
+    seed: int = 0,
+) -> Transformer:
+    """A randomly initialised model, created directly on its shards."""
+    mesh = sharding.MeshConfig().make() if mesh is None else mesh
+    act = ActivationSharding(mesh, rules)
+    return sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), act_sharding=act), mesh, rules)
+
+
+def positions_from_mask(mask_BxT):
+    """Per-row positions for left-padded rows: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
