@@ -616,6 +616,8 @@ class SentencePieceTokenizer(Tokenizer):
 def train_sentencepiece(texts: Iterable[str], model_prefix_or_dir: str | os.PathLike | None, vocab_size: int, *,
                         user_defined_symbols: Sequence[str] = R1_TAGS, model_type: str = "bpe",
                         character_coverage: float = 1.0, num_threads: int | None = None,
+                        max_piece_length: int = 16, split_by_whitespace: bool = True,
+                        split_by_unicode_script: bool = True,
                         chat_template: str | None = None) -> SentencePieceTokenizer:
     """Train a small SentencePiece model in-process (well under a second for 1 MB of text on two cores).
 
@@ -623,7 +625,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix_or_dir: str | os.Path
     normalised (so decode(encode(s)) == s), and ids are unk 0, bos 1, eos 2, pad 3, then `user_defined_symbols`,
     which always encode as one piece each. `model_prefix_or_dir`: a folder (existing, or ending in a path
     separator) gets `tokenizer.model`; anything else is a prefix that gets `.model`; None writes nothing.
-    `vocab_size` is an upper bound: a small corpus may give fewer pieces.
+    `vocab_size` is an upper bound: a small corpus may give fewer pieces. A larger `max_piece_length` lets text
+    that repeats verbatim in the corpus (a prompt template) become a few long pieces, more so with pieces
+    allowed across whitespace and punctuation (`split_by_whitespace=False`, `split_by_unicode_script=False`).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -638,7 +642,9 @@ def train_sentencepiece(texts: Iterable[str], model_prefix_or_dir: str | os.Path
         byte_fallback=True, split_digits=True, user_defined_symbols=list(user_defined_symbols),
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, character_coverage=character_coverage, hard_vocab_limit=False,
-        max_sentence_length=1 << 16, num_threads=num_threads or min(os.cpu_count() or 1, 16), minloglevel=2)
+        max_sentence_length=1 << 16, max_sentencepiece_length=max_piece_length,
+        split_by_whitespace=split_by_whitespace, split_by_unicode_script=split_by_unicode_script,
+        num_threads=num_threads or min(os.cpu_count() or 1, 16), minloglevel=2)
     tokenizer = SentencePieceTokenizer(buffer.getvalue(), chat_template=chat_template)
     if model_prefix_or_dir is not None:
         target = os.fspath(model_prefix_or_dir)

@@ -1,0 +1,95 @@
+"""The embedded default task: multi-term sums with an exact verifier, and the base corpus.
+
+A problem is "Compute 48+27+63" with gold answer "138" (task "arith", checked exactly by
+r1jax.rewards). The base model is pretrained on a corpus that mixes three behaviours, as
+a web-scale base model would have seen them:
+- step-by-step work in `<think>`, then the answer: always right (but rare in the corpus),
+- short direct answers with no reasoning: often wrong on sums of three or four terms,
+- badly formatted replies (no tags, tags out of order, unclosed tags).
+R1-Zero's accuracy and format rewards should teach the policy to choose the first.
+"""
+import dataclasses
+
+import numpy as np
+
+from r1jax.tokenizer import r1_zero_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyTask:
+    min_terms: int = 2
+    max_terms: int = 4
+    max_value: int = 99
+    # Share of each behaviour in the base corpus: step-by-step, direct, badly formatted.
+    mix: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    # Chance that a direct answer is right, for 2, 3, 4 terms.
+    direct_accuracy: tuple[float, float, float] = (0.5, 0.2, 0.05)
+
+
+def question(terms: list[int]) -> str:
+    return "Compute " + "+".join(str(t) for t in terms)
+
+
+def make_problem(task: ToyTask, rng: np.random.Generator) -> dict:
+    k = int(rng.integers(task.min_terms, task.max_terms + 1))
+    terms = [int(x) for x in rng.integers(10, task.max_value + 1, size=k)]
+    return {"prompt": question(terms), "answer": str(sum(terms)), "task": "arith", "terms": terms}
+
+
+def problems(task: ToyTask, n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """`n` distinct problems; the eval split passes the train prompts as `exclude`."""
+    rng = np.random.default_rng(seed)
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        p = make_problem(task, rng)
+        if p["prompt"] not in seen:
+            seen.add(p["prompt"])
+            out.append(p)
+    return out
+
+
+def cot_completion(terms: list[int]) -> str:
+    steps, total = [], terms[0]
+    for t in terms[1:]:
+        steps.append(f"{total}+{t}={total + t}.")
+        total += t
+    return f" <think> {' '.join(steps)} </think> <answer> {total} </answer>"
+
+
+def _wrong(value: int, rng: np.random.Generator) -> int:
+    delta = int(rng.integers(1, 21)) * (1 if rng.random() < 0.5 else -1)
+    return max(value + delta, 0) if value + delta != value else value + 1
+
+
+def direct_completion(task: ToyTask, terms: list[int], rng: np.random.Generator) -> str:
+    p_right = task.direct_accuracy[min(len(terms), 4) - 2]
+    value = sum(terms) if rng.random() < p_right else _wrong(sum(terms), rng)
+    return f" <answer> {value} </answer>"
+
+
+def bad_completion(terms: list[int], rng: np.random.Generator) -> str:
+    total = sum(terms) if rng.random() < 0.5 else _wrong(sum(terms), rng)
+    work = " ".join(f"+{t}" for t in terms[1:])
+    choices = [
+        f" The answer is {total}.",
+        f" {total}",
+        f" <answer> {total} </answer> <think> {terms[0]} {work} </think>",
+        f" <think> {terms[0]} {work} <answer> {total}",
+    ]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def base_corpus(task: ToyTask, problems_: list[dict], seed: int) -> list[tuple[str, str]]:
+    """(prompt text, completion text) pairs for pretraining the toy base model."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in problems_:
+        kind = rng.choice(3, p=np.asarray(task.mix) / sum(task.mix))
+        if kind == 0:
+            completion = cot_completion(p["terms"])
+        elif kind == 1:
+            completion = direct_completion(task, p["terms"], rng)
+        else:
+            completion = bad_completion(p["terms"], rng)
+        out.append((r1_zero_prompt(p["prompt"]), completion))
+    return out
