@@ -1,0 +1,194 @@
+"""The GRPO stage: sample groups, reward them, and update the policy, with a reference
+model, periodic evaluation, metrics and exact-resume checkpoints.
+
+Shapes: P prompts per step, G completions per prompt, B = P*G rows, Tp prompt
+length, T completion length.
+"""
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from r1jax import grpo, sampler, sharding, train
+from r1jax.checkpoint import Checkpointer
+from r1jax.data import PromptStream
+from r1jax.evaluate import EvalConfig, evaluate
+from r1jax.metrics import Progress
+from r1jax.rewards import RewardSet
+from r1jax.run import Context, Policy, Preempted
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    steps: int = 1000
+    prompts_per_step: int = 32  # P
+    group_size: int = 16  # G
+    mu: int = 1  # inner epochs per batch of rollouts
+    minibatches: int = 1  # optimizer steps per epoch
+    microbatches: int = 1  # gradient accumulation inside a minibatch
+    optim: train.OptimConfig = train.OptimConfig(lr=3e-6)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
+    adv_scale: Literal["group", "batch", "none"] = "group"
+    importance: Literal["token", "sequence"] = "token"
+    ref_reset_every: int = 400  # the reference becomes the current policy every N steps (R1)
+    recompute_old_logp: bool = False  # else the sampler's log-probs are the old policy's
+    mask_truncated: bool = False  # drop completions that hit max_new_tokens from the loss
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_len: int = 512
+    max_new_tokens: int = 1024
+    logprob_chunk: int = 256
+    checkpoint_every: int = 50
+    checkpoint_keep: int = 3
+    log_samples_every: int = 10
+
+    def hyper(self) -> train.RLHyper:
+        return train.RLHyper(
+            mu=self.mu, minibatches=self.minibatches, microbatches=self.microbatches,
+            clip_low=self.clip_low, clip_high=self.clip_high, kl_coef=self.kl_coef, kl_kind=self.kl_kind,
+            aggregation=self.aggregation, importance=self.importance, temperature=self.temperature,
+            max_len=self.max_new_tokens if self.aggregation == "seq_mean_token_sum_norm" else None,
+            logprob_chunk=self.logprob_chunk)
+
+
+def _sampling_model(state: train.TrainState, mesh) -> "nnx.Module":
+    """The policy on the sampling rules' shardings (weights replicated over fsdp)."""
+    model = sharding.reshard(state.model(), mesh, sharding.SAMPLE_RULES)
+    model.act_sharding = sharding.ActivationSharding(mesh, sharding.SAMPLE_RULES)
+    return model
+
+
+def _put_rows(x, mesh):
+    spec = sharding.logical_to_spec(("batch",) + (None,) * (np.ndim(x) - 1), sharding.TRAIN_RULES,
+                                    np.shape(x), mesh)
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_cfg: EvalConfig,
+               train_records: list[dict], eval_records: list[dict], rewards: RewardSet,
+               render: Callable[[str], str]) -> Policy:
+    """Run `cfg.steps` GRPO steps from `policy`; resumes from the stage's last checkpoint."""
+    tok, mesh = policy.tokenizer, ctx.mesh
+    P, G = cfg.prompts_per_step, cfg.group_size
+    tx = train.make_optimizer(cfg.optim, cfg.steps * cfg.mu * cfg.minibatches)
+    schedule = train.lr_schedule(cfg.optim, cfg.steps * cfg.mu * cfg.minibatches)
+    policy.model.act_sharding = sharding.ActivationSharding(mesh, sharding.TRAIN_RULES)
+    state = train.create_train_state(policy.model, tx)
+    use_ref = cfg.kl_coef > 0
+    ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
+    key = jax.random.key(ctx.seed)
+    stream = PromptStream(train_records, seed=ctx.seed)
+    scfg = sampler.SamplerConfig(
+        max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens, group_size=G,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids),
+        pad_id=tok.pad_id)
+
+    ckpt = Checkpointer(ctx.stage_dir(name) + "/checkpoints", keep=cfg.checkpoint_keep)
+    start = 0
+    if ckpt.latest_step() is not None:
+        (state, ref_params), extras = ckpt.restore(None, (state, ref_params))
+        stream.set_state(extras["data"])
+        start = extras["step"]
+        print(f"[r1jax] {name}: resumed at step {start}")
+
+    def do_eval(step):
+        metrics, samples = evaluate(_sampling_model(state, mesh), eval_records, render, tok, eval_cfg, scfg,
+                                    jax.random.fold_in(jax.random.key(ctx.seed + 1), step), rewards=None)
+        ctx.logger.log_eval({"step": step, "stage": name, **metrics})
+        ctx.logger.log_samples(step, name, [{**s, "kind": "eval"} for s in samples])
+        return metrics
+
+    if start == 0:
+        do_eval(0)
+    hp = cfg.hyper()
+    progress = Progress(total=cfg.steps, initial=start, desc=name)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        records = stream.take(P)
+        prompts = [p[-cfg.max_prompt_len:] for p in tok.encode_batch([render(r["prompt"]) for r in records],
+                                                                        add_bos=True)]
+        step_key = jax.random.fold_in(key, step)
+        rollout = sampler.generate(_sampling_model(state, mesh), prompts, jax.random.fold_in(step_key, 0), scfg)
+        tokens, mask, truncated = map(sharding.host_array, (rollout.tokens_BxT, rollout.mask_BxT, rollout.truncated_B))
+        t1 = time.perf_counter()
+
+        texts = tok.decode_batch([t[m] for t, m in zip(tokens, mask)])
+        examples = [r for r in records for _ in range(G)]
+        reward_out = rewards(texts, examples)
+        rewards_B = np.asarray(reward_out.total_B, np.float32)
+        adv_B = grpo.group_advantages(jnp.asarray(rewards_B), G, scale=cfg.adv_scale)
+        t2 = time.perf_counter()
+
+        loss_mask = mask & ~truncated[:, None] if cfg.mask_truncated else mask
+        put = lambda x: _put_rows(x, mesh)  # noqa: E731
+        prompt_BxTp, prompt_mask_BxTp = put(rollout.prompt_tokens_BxT), put(rollout.prompt_mask_BxT)
+        completion_BxT, loss_mask_BxT = put(rollout.tokens_BxT), put(loss_mask)
+        old_logp = put(rollout.logp_BxT)
+        if cfg.recompute_old_logp:
+            old_logp = train.rollout_logprobs(state.graphdef, state.params, prompt_BxTp, prompt_mask_BxTp,
+                                              completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
+                                              chunk=cfg.logprob_chunk)
+        ref_logp = None
+        if use_ref:
+            ref_logp = train.rollout_logprobs(state.graphdef, ref_params, prompt_BxTp, prompt_mask_BxTp,
+                                              completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
+                                              chunk=cfg.logprob_chunk)
+        batch = train.RLBatch(prompt_BxTp, prompt_mask_BxTp, completion_BxT, loss_mask_BxT, old_logp, ref_logp,
+                              put(adv_B))
+        lr = float(schedule(int(sharding.host_array(state.step))))
+        state, update_metrics = train.rl_update(state, batch, jax.random.fold_in(step_key, 1), hp)
+        update_metrics = jax.tree.map(sharding.host_array, update_metrics)
+        t3 = time.perf_counter()
+
+        if use_ref and (step + 1) % cfg.ref_reset_every == 0:
+            ref_params = jax.tree.map(jnp.copy, state.params)
+        lengths = mask.sum(axis=1)
+        record = {
+            "step": step + 1, "stage": name,
+            "reward_mean": float(rewards_B.mean()), "reward_std": float(rewards_B.std()),
+            "accuracy": float(np.mean(reward_out.scores["accuracy"])) if "accuracy" in reward_out.scores else 0.0,
+            "format_rate": float(np.mean(reward_out.scores["format"])) if "format" in reward_out.scores else 0.0,
+            "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
+            "truncation_rate": float(truncated.mean()),
+            "zero_spread_groups": float(grpo.zero_spread_fraction(jnp.asarray(rewards_B), G)),
+            "lr": lr,
+            **{k: float(v) for k, v in update_metrics.items()},
+            **{f"reward/{k}": float(v) for k, v in reward_out.metrics.items()},
+            "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
+            "tokens_per_s": float(lengths.sum() / max(t3 - t0, 1e-9)),
+        }
+        if not use_ref:
+            record["kl"] = 0.0
+        ctx.logger.log_step(record)
+        progress.update(step + 1, record)
+        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+            ctx.logger.log_samples(step + 1, name, [
+                {"prompt": examples[i]["prompt"], "completion": texts[i], "reward": float(rewards_B[i])}
+                for i in range(0, len(texts), G)][:4])
+        if eval_cfg.every and (step + 1) % eval_cfg.every == 0 and step + 1 != cfg.steps:
+            do_eval(step + 1)
+        stopping = ctx.stop.stop_everywhere()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stopping:
+            ckpt.save(step + 1, (state, ref_params), {"step": step + 1, "data": stream.get_state()}, force=True)
+        if stopping:
+            ckpt.wait()
+            progress.close()
+            raise Preempted(f"{name}: stopped by signal at step {step + 1}; re-run the command to resume")
+    progress.close()
+    if start < cfg.steps:
+        do_eval(cfg.steps)
+    ckpt.wait()
+    ckpt.close()
+    model = state.model()
+    return dataclasses.replace(policy, model=model)

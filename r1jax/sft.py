@@ -1,0 +1,122 @@
+"""Supervised fine-tuning on (prompt, completion) text pairs: the toy base model's
+pretraining, R1's cold start, rejection-sampling SFT and distillation all use it.
+
+Shapes: B rows, S sequence length.
+"""
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from r1jax import train
+from r1jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    max_len: int = 512
+    optim: train.OptimConfig = train.OptimConfig(lr=1e-5, warmup_steps=50, schedule="cosine")
+    log_every: int = 25
+    checkpoint_every: int = 200
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_len: int):
+    """Right-padded (tokens, mask, loss_mask) arrays [n, max_len]: prompt, completion, EOS;
+    the loss covers the completion and its EOS. Longer rows keep their start."""
+    n = len(pairs)
+    tokens = np.full((n, max_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((n, max_len), bool)
+    loss_mask = np.zeros((n, max_len), bool)
+    prompts = tokenizer.encode_batch([p for p, _ in pairs], add_bos=True)
+    completions = tokenizer.encode_batch([c for _, c in pairs])
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        row = (p + c + [tokenizer.eos_id])[:max_len]
+        tokens[i, : len(row)] = row
+        mask[i, : len(row)] = True
+        loss_mask[i, len(p) : len(row)] = True
+    return tokens, mask, loss_mask
+
+
+class SFTBatches:
+    """Deterministic epochs of shuffled rows; the position is (epoch, offset)."""
+
+    def __init__(self, arrays: tuple[np.ndarray, ...], batch_size: int, seed: int):
+        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.epoch, self.offset = 0, 0
+
+    def next(self) -> tuple[np.ndarray, ...]:
+        n = len(self.arrays[0])
+        if self.offset + self.batch_size > n:
+            self.epoch, self.offset = self.epoch + 1, 0
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(n)
+        rows = order[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        return tuple(a[rows] for a in self.arrays)
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def to_device_batch(arrays: tuple[np.ndarray, ...], mesh) -> train.SFTBatch:
+    """Rows over the data and fsdp axes (replicated where they do not divide)."""
+    from r1jax.sharding import TRAIN_RULES, logical_to_spec
+
+    def put(x):
+        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), TRAIN_RULES, x.shape, mesh)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x) \
+            if jax.process_count() > 1 else jax.device_put(x, NamedSharding(mesh, spec))
+
+    tokens, mask, loss_mask = arrays
+    return train.SFTBatch(tokens_BxS=put(tokens), mask_BxS=put(mask), loss_mask_BxS=put(loss_mask))
+
+
+
+def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name: str, seed: int):
+    """`cfg.steps` optimizer steps over `pairs`; resumes from the stage's last checkpoint.
+
+    Per-step losses go to the stage's own metrics.jsonl (run_dir/<name>/), so the run's
+    main file holds the RL steps and evaluations that DESIGN.md's contract describes.
+    """
+    import dataclasses
+
+    from r1jax import sharding
+    from r1jax.checkpoint import Checkpointer
+    from r1jax.metrics import MetricsLogger, Progress
+    from r1jax.run import Preempted
+
+    mesh = ctx.mesh
+    policy.model.act_sharding = sharding.ActivationSharding(mesh, sharding.TRAIN_RULES)
+    state = train.create_train_state(policy.model, train.make_optimizer(cfg.optim, cfg.steps))
+    batches = SFTBatches(tokenize_pairs(pairs, policy.tokenizer, cfg.max_len), cfg.batch_size, seed)
+    ckpt = Checkpointer(ctx.stage_dir(name) + "/checkpoints", keep=2)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, extras = ckpt.restore(None, state)
+        batches.set_state(extras["data"])
+        start = extras["step"]
+    logger = MetricsLogger(ctx.stage_dir(name), validate=False, tensorboard=False,
+                           enabled=jax.process_index() == 0, purge_step=start + 1)
+    progress = Progress(total=cfg.steps, initial=start, desc=name, every=cfg.log_every)
+    for step in range(start, cfg.steps):
+        state, metrics = train.sft_step(state, to_device_batch(batches.next(), mesh))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            record = {"step": step + 1, "stage": name, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            logger.log_step(record)
+            progress.update(step + 1, record)
+        stopping = ctx.stop.stop_everywhere()
+        if (step + 1) % cfg.checkpoint_every == 0 or stopping:
+            ckpt.save(step + 1, state, {"step": step + 1, "data": batches.get_state()}, force=True)
+        if stopping:
+            ckpt.wait()
+            raise Preempted(f"{name}: stopped by signal at step {step + 1}; re-run the command to resume")
+    progress.close()
+    logger.close()
+    ckpt.wait()
+    ckpt.close()
+    return dataclasses.replace(policy, model=state.model())
