@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?= r1_zero
 ARGS ?=
 
-.PHONY: venv train eval sample test test-slow bench bench-sampler clean
+.PHONY: venv train eval test test-slow bench bench-sampler clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
-bench: $(STAMP)
-	$(BIN)/python -m r1jax.bench $(ARGS)
+bench: bench-sampler
+
+bench-sampler: $(STAMP)
+	$(BIN)/python -m r1jax.bench.sampler $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

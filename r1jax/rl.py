@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from r1jax import grpo, sampler, sharding, train
 from r1jax.checkpoint import Checkpointer
@@ -69,12 +68,6 @@ def _sampling_model(state: train.TrainState, mesh) -> "nnx.Module":
     return model
 
 
-def _put_rows(x, mesh):
-    spec = sharding.logical_to_spec(("batch",) + (None,) * (np.ndim(x) - 1), sharding.TRAIN_RULES,
-                                    np.shape(x), mesh)
-    return jax.device_put(x, NamedSharding(mesh, spec))
-
-
 def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_cfg: EvalConfig,
                train_records: list[dict], eval_records: list[dict], rewards: RewardSet,
                render: Callable[[str], str]) -> Policy:
@@ -127,11 +120,11 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
         examples = [r for r in records for _ in range(G)]
         reward_out = rewards(texts, examples)
         rewards_B = np.asarray(reward_out.total_B, np.float32)
-        adv_B = grpo.group_advantages(jnp.asarray(rewards_B), G, scale=cfg.adv_scale)
+        adv_B = np.asarray(grpo.group_advantages(rewards_B, G, scale=cfg.adv_scale))
         t2 = time.perf_counter()
 
         loss_mask = mask & ~truncated[:, None] if cfg.mask_truncated else mask
-        put = lambda x: _put_rows(x, mesh)  # noqa: E731
+        put = lambda x: sharding.put_rows(sharding.host_array(x), mesh, sharding.TRAIN_RULES)  # noqa: E731
         prompt_BxTp, prompt_mask_BxTp = put(rollout.prompt_tokens_BxT), put(rollout.prompt_mask_BxT)
         completion_BxT, loss_mask_BxT = put(rollout.tokens_BxT), put(loss_mask)
         old_logp = put(rollout.logp_BxT)
@@ -161,7 +154,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
             "format_rate": float(np.mean(reward_out.scores["format"])) if "format" in reward_out.scores else 0.0,
             "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
             "truncation_rate": float(truncated.mean()),
-            "zero_spread_groups": float(grpo.zero_spread_fraction(jnp.asarray(rewards_B), G)),
+            "zero_spread_groups": float(grpo.zero_spread_fraction(rewards_B, G)),
             "lr": lr,
             **{k: float(v) for k, v in update_metrics.items()},
             **{f"reward/{k}": float(v) for k, v in reward_out.metrics.items()},

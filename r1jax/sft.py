@@ -7,7 +7,6 @@ import dataclasses
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from r1jax import train
 from r1jax.tokenizer import Tokenizer
@@ -41,40 +40,56 @@ def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_len: 
 
 
 class SFTBatches:
-    """Deterministic epochs of shuffled rows; the position is (epoch, offset)."""
+    """Deterministic epochs of shuffled batches; the position is (epoch, batch index).
 
-    def __init__(self, arrays: tuple[np.ndarray, ...], batch_size: int, seed: int):
-        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
-        self.epoch, self.offset = 0, 0
+    Rows are sorted by length inside windows of 64 batches, and each batch is cut to
+    its longest row rounded up to `bucket` columns: little compute goes to padding,
+    and only max_len / bucket programs are compiled.
+    """
+
+    def __init__(self, arrays: tuple[np.ndarray, ...], batch_size: int, seed: int, bucket: int = 16):
+        self.arrays, self.batch_size, self.seed, self.bucket = arrays, batch_size, seed, bucket
+        self.lengths = arrays[1].sum(axis=1)
+        if len(self.lengths) < batch_size:
+            raise ValueError(f"{len(self.lengths)} rows cannot fill a batch of {batch_size}")
+        self.epoch, self.index = 0, 0
+        self._order = self._batches(0)
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng((self.seed, epoch))
+        order = rng.permutation(len(self.lengths))
+        window = self.batch_size * 64
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1,
+                                                                      self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def next(self) -> tuple[np.ndarray, ...]:
-        n = len(self.arrays[0])
-        if self.offset + self.batch_size > n:
-            self.epoch, self.offset = self.epoch + 1, 0
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(n)
-        rows = order[self.offset : self.offset + self.batch_size]
-        self.offset += self.batch_size
-        return tuple(a[rows] for a in self.arrays)
+        if self.index >= len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._batches(self.epoch)
+        rows = self._order[self.index]
+        self.index += 1
+        width = min(-(-int(self.lengths[rows].max()) // self.bucket) * self.bucket, self.arrays[0].shape[1])
+        return tuple(a[rows, :width] for a in self.arrays)
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"epoch": self.epoch, "index": self.index}
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._batches(self.epoch)
 
 
 def to_device_batch(arrays: tuple[np.ndarray, ...], mesh) -> train.SFTBatch:
     """Rows over the data and fsdp axes (replicated where they do not divide)."""
-    from r1jax.sharding import TRAIN_RULES, logical_to_spec
+    from r1jax.sharding import TRAIN_RULES, put_rows
 
-    def put(x):
-        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), TRAIN_RULES, x.shape, mesh)
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x) \
-            if jax.process_count() > 1 else jax.device_put(x, NamedSharding(mesh, spec))
-
-    tokens, mask, loss_mask = arrays
-    return train.SFTBatch(tokens_BxS=put(tokens), mask_BxS=put(mask), loss_mask_BxS=put(loss_mask))
-
+    tokens, mask, loss_mask = (put_rows(a, mesh, TRAIN_RULES) for a in arrays)
+    return train.SFTBatch(tokens_BxS=tokens, mask_BxS=mask, loss_mask_BxS=loss_mask)
 
 
 def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name: str, seed: int):

@@ -165,6 +165,21 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def put_global(x, target: NamedSharding) -> jax.Array:
+    """Place a host array that every process holds in full: each device takes its slice.
+
+    Unlike `jax.device_put`, this also works when the sharding spans several processes.
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def put_rows(x, mesh: Mesh, rules: Rules) -> jax.Array:
+    """A host batch with its rows over the rules' `batch` axes (replicated if they do not divide)."""
+    spec = logical_to_spec(("batch",) + (None,) * (np.ndim(x) - 1), rules, np.shape(x), mesh)
+    return put_global(x, NamedSharding(mesh, spec))
+
+
 def host_array(x: jax.Array) -> np.ndarray:
     """A full copy of a (possibly multi-host) sharded array on this host."""
     if x.is_fully_addressable:

@@ -1,10 +1,10 @@
 """The embedded default task: multi-term sums with an exact verifier, and the base corpus.
 
-A problem is "Compute 48+27+63" with gold answer "138" (task "arith", checked exactly by
+A problem is "Compute 8+7+3+9+6" with gold answer "33" (task "arith", checked exactly by
 r1jax.rewards). The base model is pretrained on a corpus that mixes three behaviours, as
 a web-scale base model would have seen them:
 - step-by-step work in `<think>`, then the answer: always right (but rare in the corpus),
-- short direct answers with no reasoning: often wrong on sums of three or four terms,
+- short direct answers with no reasoning: often wrong, more so the more terms,
 - badly formatted replies (no tags, tags out of order, unclosed tags).
 R1-Zero's accuracy and format rewards should teach the policy to choose the first.
 """
@@ -17,13 +17,23 @@ from r1jax.tokenizer import r1_zero_prompt
 
 @dataclasses.dataclass(frozen=True)
 class ToyTask:
-    min_terms: int = 2
-    max_terms: int = 4
-    max_value: int = 99
+    min_terms: int = 3
+    max_terms: int = 6
+    min_value: int = 1
+    max_value: int = 9
     # Share of each behaviour in the base corpus: step-by-step, direct, badly formatted.
-    mix: tuple[float, float, float] = (0.25, 0.5, 0.25)
-    # Chance that a direct answer is right, for 2, 3, 4 terms.
-    direct_accuracy: tuple[float, float, float] = (0.5, 0.2, 0.05)
+    mix: tuple[float, float, float] = (0.35, 0.5, 0.15)
+    # Chance that a direct answer is right, for min_terms ... max_terms terms.
+    direct_accuracy: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05)
+
+    def __post_init__(self):
+        if not 2 <= self.min_terms <= self.max_terms:
+            raise ValueError(f"need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
+        if len(self.direct_accuracy) != self.max_terms - self.min_terms + 1:
+            raise ValueError("direct_accuracy needs one entry per number of terms "
+                             f"({self.min_terms}..{self.max_terms}), got {self.direct_accuracy}")
+        if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
+            raise ValueError(f"mix needs three non-negative shares, got {self.mix}")
 
 
 def question(terms: list[int]) -> str:
@@ -32,7 +42,7 @@ def question(terms: list[int]) -> str:
 
 def make_problem(task: ToyTask, rng: np.random.Generator) -> dict:
     k = int(rng.integers(task.min_terms, task.max_terms + 1))
-    terms = [int(x) for x in rng.integers(10, task.max_value + 1, size=k)]
+    terms = [int(x) for x in rng.integers(task.min_value, task.max_value + 1, size=k)]
     return {"prompt": question(terms), "answer": str(sum(terms)), "task": "arith", "terms": terms}
 
 
@@ -57,12 +67,12 @@ def cot_completion(terms: list[int]) -> str:
 
 
 def _wrong(value: int, rng: np.random.Generator) -> int:
-    delta = int(rng.integers(1, 21)) * (1 if rng.random() < 0.5 else -1)
+    delta = int(rng.integers(1, 6)) * (1 if rng.random() < 0.5 else -1)
     return max(value + delta, 0) if value + delta != value else value + 1
 
 
 def direct_completion(task: ToyTask, terms: list[int], rng: np.random.Generator) -> str:
-    p_right = task.direct_accuracy[min(len(terms), 4) - 2]
+    p_right = task.direct_accuracy[len(terms) - task.min_terms]
     value = sum(terms) if rng.random() < p_right else _wrong(sum(terms), rng)
     return f" <answer> {value} </answer>"
 

@@ -4,6 +4,7 @@ format rewards, no SFT.
 Stages: `toy_base` (only for the embedded default: pretrain a small base model on the
 built-in task's corpus, cached across runs) then `grpo`.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -154,12 +155,15 @@ def stages(cfg: R1ZeroConfig) -> list:
     return pipeline + [("grpo", grpo)]
 
 
-def train(cfg: R1ZeroConfig) -> int:
+def train(cfg: R1ZeroConfig, *, stop=None) -> int:
+    """Run (or resume) every stage. `stop`: an object whose `stop_everywhere()` says when
+    to checkpoint and leave; by default SIGTERM sets it (TPU preemption)."""
     overrides = {"param_dtype": cfg.param_dtype, "dtype": cfg.dtype, "remat": cfg.remat}
-    with graceful_sigterm() as stop:
+    with contextlib.ExitStack() as scope:
+        stop = stop if stop is not None else scope.enter_context(graceful_sigterm())
         ctx = make_context(cfg.run_dir, cfg.mesh, cfg.seed, overrides, stop)
         print(f"[r1jax] run dir: {os.path.abspath(cfg.run_dir)}")
-        print(config_lib.to_json(cfg))
+        print("[r1jax] resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config_lib.flatten(cfg).items()))
         if jax.process_index() == 0:
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
                 f.write(config_lib.to_json(cfg))
