@@ -308,8 +308,11 @@ class Transformer(nnx.Module):
         causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
         attn_mask_BxTxS = causal_TxS[None] & kv_mask_BxS[:, None, :]
 
-        def block(x_BxTxD, layer):
-            p, kv = layer
+        def block(carry, layer):
+            # The whole cache rides in the carry and takes a one-token in-place write per
+            # layer; as scan xs/ys it would be copied in full at every decode step.
+            x_BxTxD, kv = carry
+            p, i = layer
             p = {name: w.astype(dt) for name, w in p.items()}
             h = rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
             q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"])
@@ -324,10 +327,11 @@ class Transformer(nnx.Module):
             k = self._constrain(apply_rope(k, cos_BxTxH, sin_BxTxH), ("batch", None, "kv_heads", None))
             v = self._constrain(v, ("batch", None, "kv_heads", None))
             if kv is not None:
-                k_cache, v_cache = kv
-                k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache.index, 0, 0))
-                v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache.index, 0, 0))
-                kv = (k, v)
+                k_all, v_all = kv
+                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, cache.index, 0, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, cache.index, 0, 0))
+                kv = (k_all, v_all)
+                k, v = k_all[i], v_all[i]
             out = attention(q, k.astype(dt), v.astype(dt), attn_mask_BxTxS, impl=cfg.attn_impl)
             x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", out, p["wo"])
             h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
@@ -335,7 +339,7 @@ class Transformer(nnx.Module):
             up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
             act = self._constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
             x_BxTxD = x_BxTxD + jnp.einsum("BTF,FD->BTD", act, p["w_down"])
-            return self._constrain(x_BxTxD, ("batch", None, None)), kv
+            return (self._constrain(x_BxTxD, ("batch", None, None)), kv), None
 
         if cfg.remat == "full":
             block = jax.checkpoint(block, prevent_cse=False)
@@ -345,7 +349,7 @@ class Transformer(nnx.Module):
 
         params = {name: w.get_value() for name, w in self.layers.items()}
         kv_in = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
-        x_BxTxD, kv_out = jax.lax.scan(block, x_BxTxD, (params, kv_in))
+        (x_BxTxD, kv_out), _ = jax.lax.scan(block, (x_BxTxD, kv_in), (params, jnp.arange(cfg.n_layers)))
         if cache is not None:
             cache = KVCache(kv_out[0], kv_out[1], kv_mask_BxS, cache.index + T)
         return rms_norm(x_BxTxD, self.final_norm.get_value(), cfg.norm_eps), cache

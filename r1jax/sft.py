@@ -42,30 +42,24 @@ def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_len: 
 class SFTBatches:
     """Deterministic epochs of shuffled batches; the position is (epoch, batch index).
 
-    Rows are sorted by length inside windows of 64 batches, and each batch is cut to
-    its longest row rounded up to `bucket` columns: little compute goes to padding,
-    and only max_len / bucket programs are compiled.
+    Each batch is cut to its longest row rounded up to `bucket` columns, so short
+    batches cost less and only max_len / bucket programs are compiled. (Rows are not
+    grouped by length: that saves more compute but makes batches of one kind of row,
+    which slowed the toy model's learning markedly.)
     """
 
     def __init__(self, arrays: tuple[np.ndarray, ...], batch_size: int, seed: int, bucket: int = 16):
         self.arrays, self.batch_size, self.seed, self.bucket = arrays, batch_size, seed, bucket
         self.lengths = arrays[1].sum(axis=1)
+        self.normalizer = float(batch_size * arrays[2].sum() / len(arrays[2]))
         if len(self.lengths) < batch_size:
             raise ValueError(f"{len(self.lengths)} rows cannot fill a batch of {batch_size}")
         self.epoch, self.index = 0, 0
         self._order = self._batches(0)
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng((self.seed, epoch))
-        order = rng.permutation(len(self.lengths))
-        window = self.batch_size * 64
-        batches = []
-        for start in range(0, len(order), window):
-            chunk = order[start : start + window]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk) - self.batch_size + 1,
-                                                                      self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.lengths))
+        return [order[i : i + self.batch_size] for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
 
     def next(self) -> tuple[np.ndarray, ...]:
         if self.index >= len(self._order):
@@ -84,12 +78,13 @@ class SFTBatches:
         self._order = self._batches(self.epoch)
 
 
-def to_device_batch(arrays: tuple[np.ndarray, ...], mesh) -> train.SFTBatch:
+def to_device_batch(arrays: tuple[np.ndarray, ...], normalizer: float, mesh) -> train.SFTBatch:
     """Rows over the data and fsdp axes (replicated where they do not divide)."""
-    from r1jax.sharding import TRAIN_RULES, put_rows
+    from r1jax.sharding import TRAIN_RULES, put_global, put_rows
 
     tokens, mask, loss_mask = (put_rows(a, mesh, TRAIN_RULES) for a in arrays)
-    return train.SFTBatch(tokens_BxS=tokens, mask_BxS=mask, loss_mask_BxS=loss_mask)
+    norm = put_global(np.float32(normalizer), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return train.SFTBatch(tokens_BxS=tokens, mask_BxS=mask, loss_mask_BxS=loss_mask, normalizer=norm)
 
 
 def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name: str, seed: int):
@@ -119,7 +114,7 @@ def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name
                            enabled=jax.process_index() == 0, purge_step=start + 1)
     progress = Progress(total=cfg.steps, initial=start, desc=name, every=cfg.log_every)
     for step in range(start, cfg.steps):
-        state, metrics = train.sft_step(state, to_device_batch(batches.next(), mesh))
+        state, metrics = train.sft_step(state, to_device_batch(batches.next(), batches.normalizer, mesh))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             record = {"step": step + 1, "stage": name, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
             logger.log_step(record)

@@ -5,7 +5,8 @@ r1jax.rewards). The base model is pretrained on a corpus that mixes three behavi
 a web-scale base model would have seen them:
 - step-by-step work in `<think>`, then the answer: always right (but rare in the corpus),
 - short direct answers with no reasoning: often wrong, more so the more terms,
-- badly formatted replies (no tags, tags out of order, unclosed tags).
+- badly formatted replies (no tags, tags out of order, unclosed tags), most of them with
+  the right working in them.
 R1-Zero's accuracy and format rewards should teach the policy to choose the first.
 """
 import dataclasses
@@ -22,7 +23,7 @@ class ToyTask:
     min_value: int = 1
     max_value: int = 9
     # Share of each behaviour in the base corpus: step-by-step, direct, badly formatted.
-    mix: tuple[float, float, float] = (0.35, 0.5, 0.15)
+    mix: tuple[float, float, float] = (0.3, 0.35, 0.35)
     # Chance that a direct answer is right, for min_terms ... max_terms terms.
     direct_accuracy: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05)
 
@@ -58,17 +59,23 @@ def problems(task: ToyTask, n: int, seed: int, exclude: frozenset[str] = frozens
     return out
 
 
-def cot_completion(terms: list[int]) -> str:
+def cot_work(terms: list[int]) -> tuple[str, int]:
+    """The step-by-step running sum, "8+1=9. 9+4=13.", and the total."""
     steps, total = [], terms[0]
     for t in terms[1:]:
         steps.append(f"{total}+{t}={total + t}.")
         total += t
-    return f" <think> {' '.join(steps)} </think> <answer> {total} </answer>"
+    return " ".join(steps), total
+
+
+def cot_completion(terms: list[int]) -> str:
+    work, total = cot_work(terms)
+    return f" <think> {work} </think> <answer> {total} </answer>"
 
 
 def _wrong(value: int, rng: np.random.Generator) -> int:
     delta = int(rng.integers(1, 6)) * (1 if rng.random() < 0.5 else -1)
-    return max(value + delta, 0) if value + delta != value else value + 1
+    return abs(value + delta)
 
 
 def direct_completion(task: ToyTask, terms: list[int], rng: np.random.Generator) -> str:
@@ -78,13 +85,14 @@ def direct_completion(task: ToyTask, terms: list[int], rng: np.random.Generator)
 
 
 def bad_completion(terms: list[int], rng: np.random.Generator) -> str:
-    total = sum(terms) if rng.random() < 0.5 else _wrong(sum(terms), rng)
-    work = " ".join(f"+{t}" for t in terms[1:])
+    """Replies that break the template (no answer block to check); most hold the right working."""
+    work, total = cot_work(terms)
     choices = [
-        f" The answer is {total}.",
-        f" {total}",
-        f" <answer> {total} </answer> <think> {terms[0]} {work} </think>",
-        f" <think> {terms[0]} {work} <answer> {total}",
+        f" Let me add them up. {work} So the answer is {total}.",
+        f" <think> {work} </think> {total}",
+        f" <think> {work} </think> The answer is {total}.",
+        f" <think> {work} <answer> {total}",
+        f" The answer is {_wrong(total, rng) if rng.random() < 0.7 else total}.",
     ]
     return choices[int(rng.integers(len(choices)))]
 

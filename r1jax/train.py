@@ -218,11 +218,15 @@ class SFTBatch:
     tokens_BxS: jax.Array
     mask_BxS: jax.Array  # real tokens (prompt and completion)
     loss_mask_BxS: jax.Array  # tokens whose prediction is trained (the completion)
+    # The loss is sum(token losses) / normalizer: the dataset's mean trained tokens per row
+    # times B, not this batch's count, so every token weighs the same in expectation even
+    # when batches are grouped by length (a per-batch mean would overweight short rows).
+    normalizer: jax.Array
 
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames="chunk")
 def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256):
-    """One optimizer step of next-token cross-entropy, averaged over trained tokens."""
+    """One optimizer step of next-token cross-entropy over the trained tokens."""
 
     def loss_fn(params):
         model = nnx.merge(state.graphdef, params)
@@ -230,8 +234,7 @@ def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256):
         h_BxSxD, _ = model.hidden(inputs, positions_from_mask(mask), mask)
         logp_BxS, _ = chunked_logprobs(h_BxSxD, model.head_weight_DxV(), batch.tokens_BxS[:, 1:], chunk=chunk)
         weight = batch.loss_mask_BxS[:, 1:]
-        tokens = jnp.maximum(jnp.sum(weight), 1)
-        return -jnp.sum(jnp.where(weight, logp_BxS, 0.0)) / tokens
+        return -jnp.sum(jnp.where(weight, logp_BxS, 0.0)) / batch.normalizer
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

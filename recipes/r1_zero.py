@@ -47,7 +47,7 @@ class ToyBaseConfig:
     vocab_size: int = 512
     cache_dir: str = "runs/cache"  # reused across runs with the same settings
     pretrain: sft.SFTConfig = sft.SFTConfig(
-        steps=400, batch_size=64, max_len=96, log_every=50, checkpoint_every=100,
+        steps=1000, batch_size=32, max_len=128, log_every=100, checkpoint_every=250,
         optim=OptimConfig(lr=3e-3, warmup_steps=30, schedule="cosine", weight_decay=0.01, b2=0.98))
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `python -m r1jax.bench.sampler` for generation throughput against the memory roofline."""

@@ -1,0 +1,223 @@
+"""Sampler throughput: tokens/s, time to first token, peak memory and the decode's memory-bandwidth roofline; on CPU
+side by side with transformers' `generate` on the same weights.
+
+Shapes: P prompts, G completions per prompt, B = P*G rows, T prompt length, N new tokens.
+"""
+import argparse
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from r1jax import hf, sampler, sharding
+from r1jax.model import PRESETS, KVCache, ModelConfig, create_model
+
+# Peak HBM bandwidth (bytes/s) by device_kind substring; first match wins. CPU is measured instead.
+BANDWIDTH = (
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("H200", 4.8e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100", 1.555e12),
+    ("TPU v5 lite", 8.1e11),
+    ("TPU v5e", 8.1e11),
+    ("TPU v5p", 2.765e12),
+    ("TPU v6", 1.64e12),
+    ("TPU v4", 1.2e12),
+)
+
+
+def cpu_bandwidth(nbytes: int = 1 << 28) -> float:
+    """Best of five numpy copies of `nbytes` (one read and one write per byte)."""
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def device_bandwidth(device) -> tuple[float, str]:
+    if device.platform == "cpu":
+        return cpu_bandwidth(), "measured: numpy copy, one thread"
+    for name, bw in BANDWIDTH:
+        if name in device.device_kind:
+            return bw, f"spec sheet for {device.device_kind}"
+    raise SystemExit(f"no bandwidth known for {device.device_kind!r}; add it to BANDWIDTH")
+
+
+def peak_memory() -> tuple[int, str]:
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process RSS high-water mark"
+
+
+def time_r1jax(model, prompts, cfg: sampler.SamplerConfig, repeats: int) -> dict:
+    key = jax.random.key(0)
+    sampler.decode(*sampler.prefill(model, prompts, key, cfg), cfg).tokens_BxT.block_until_ready()  # compile
+    ttft, decode = [], []
+    for i in range(repeats):
+        start = time.perf_counter()
+        graphdef, state, ds, cache = sampler.prefill(model, prompts, jax.random.fold_in(key, i + 1), cfg)
+        jax.block_until_ready((ds, cache))
+        mid = time.perf_counter()
+        rollout = sampler.decode(graphdef, state, ds, cache, cfg)
+        rollout.tokens_BxT.block_until_ready()
+        ttft.append(mid - start)
+        decode.append(time.perf_counter() - mid)
+    generated = int(np.asarray(rollout.mask_BxT).sum())
+    return dict(ttft=statistics.median(ttft), decode=statistics.median(decode), generated=generated)
+
+
+def hf_twin(mcfg: ModelConfig, dtype: str, folder: str):
+    """A random transformers Qwen2 with the preset's sizes (qkv bias included, as every Qwen2 has), saved to
+    `folder` so r1jax loads the identical weights."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.d_ff,
+        num_hidden_layers=mcfg.n_layers, num_attention_heads=mcfg.n_heads, num_key_value_heads=mcfg.n_kv_heads,
+        head_dim=mcfg.head_dim, tie_word_embeddings=mcfg.tie_embeddings, rope_theta=mcfg.rope_theta,
+        rms_norm_eps=mcfg.norm_eps, max_position_embeddings=mcfg.max_seq_len)
+    model = transformers.Qwen2ForCausalLM(config).eval().to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    return model
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def time_transformers(model, prompts, G: int, N: int, temperature: float, repeats: int, threads: int) -> dict:
+    import torch
+
+    # Setting the thread count explicitly (even to its default) made transformers' decode loop many times faster
+    # on the CI machine's torch build (OpenMP); without it the comparison would flatter r1jax.
+    torch.set_num_threads(threads or torch.get_num_threads())
+    ids = torch.tensor(np.asarray(prompts))
+    common = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                  num_return_sequences=G, pad_token_id=0, eos_token_id=None)
+
+    def run(n):
+        with torch.inference_mode():
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **common)
+
+    run(2)  # warm up
+    ttft, total = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(1)
+        ttft.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = run(N)
+        total.append(time.perf_counter() - start)
+    generated = int(out[:, ids.shape[1]:].numel())
+    t1, tn = statistics.median(ttft), statistics.median(total)
+    return dict(ttft=t1, decode=tn - t1, generated=generated)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m r1jax.bench.sampler", description=__doc__)
+    parser.add_argument("--preset", default="toy", choices=list(PRESETS))
+    parser.add_argument("--prompts", type=int, default=8, help="P")
+    parser.add_argument("-G", "--group-size", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="parameter and compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-transformers", action="store_true", help="on CPU, skip the transformers comparison")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="on CPU, XLA and torch threads; 0 keeps their defaults, which made transformers erratic "
+                             "(up to 100x slower) on a busy 2-core machine")
+    args = parser.parse_args(argv)
+    if args.threads:  # before JAX starts its CPU backend, which reads XLA_FLAGS once; ignored by GPU/TPU
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                                   f"{str(args.threads > 1).lower()} intra_op_parallelism_threads={args.threads}")
+
+    device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    mcfg = ModelConfig.preset(args.preset).replace(param_dtype=dtype, dtype=dtype)
+    P, G, T, N = args.prompts, args.group_size, args.prompt_len, args.new_tokens
+    B = P * G
+    cfg = sampler.SamplerConfig(max_prompt_len=T, max_new_tokens=N, group_size=G, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p)  # no stop ids: every row makes N tokens
+    mesh = sharding.MeshConfig(*(int(x) for x in args.mesh.split(","))).make()
+    prompts = np.random.default_rng(0).integers(0, mcfg.vocab_size, (P, T)).tolist()
+    compare = on_cpu and not args.no_transformers
+    theirs = None
+    with tempfile.TemporaryDirectory() as folder:
+        if compare:
+            # transformers first: on the shared 2-core CI machine its OpenMP decode loop was erratic (up to 100x
+            # slower) when timed after XLA had run, and steady before.
+            torch_model = hf_twin(mcfg, dtype, folder)
+            theirs = time_transformers(torch_model, prompts, G, N, args.temperature, args.repeats, args.threads)
+            mcfg, model = hf.load_hf(folder, dtype, mesh=mesh, rules=sharding.SAMPLE_RULES)
+            mcfg = mcfg.replace(dtype=dtype)
+            model.cfg = mcfg
+            source = "random transformers Qwen2 of these sizes, loaded with r1jax.hf.load_hf"
+        else:
+            model = create_model(mcfg, mesh=mesh, rules=sharding.SAMPLE_RULES)
+            source = "random init"
+        ours = time_r1jax(model, prompts, cfg, args.repeats)
+        peak, peak_how = peak_memory()
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    filled = B * KVCache.bytes_per_row(mcfg, T + N // 2)  # average slots holding tokens over the decode
+    allocated = B * KVCache.bytes_per_row(mcfg, T + N)  # what attention reads each step as implemented
+    bandwidth, bw_how = device_bandwidth(device)
+    roofline = B / ((weight_bytes + filled) / bandwidth)  # decode tokens/s if every byte read once per step
+
+    def rates(r):
+        return B * N / (r["ttft"] + r["decode"]), B * (N - 1) / r["decode"], r["ttft"]
+
+    print(f"r1jax sampler benchmark on {jax.device_count()} x {device.device_kind} ({device.platform})"
+          + (f", {args.threads or 'default'} thread(s) (CPU figures are noisy on a shared machine)" if on_cpu else ""))
+    print(f"model   {args.preset} sizes, {mcfg.num_params / 1e6:.2f}M params ({'+qkv bias, ' if mcfg.qkv_bias else ''}"
+          f"{source}), {dtype}")
+    print(f"batch   {P} prompts x G={G} = {B} rows, prompt {T} tokens, {N} new tokens, "
+          f"temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, median of {args.repeats}")
+    header = f"{'':28}{'r1jax':>14}" + (f"{'transformers':>16}{'ratio':>10}" if theirs else "")
+    print(header)
+    names = ("generated tokens/s", "decode tokens/s", "time to first token (ms)")
+    for i, name in enumerate(names):
+        scale = 1e3 if i == 2 else 1.0
+        line = f"{name:28}{rates(ours)[i] * scale:14.1f}"
+        if theirs:  # ratio > 1: r1jax is faster
+            ratio = rates(ours)[i] / rates(theirs)[i] if i < 2 else rates(theirs)[i] / rates(ours)[i]
+            line += f"{rates(theirs)[i] * scale:16.1f}{ratio:9.2f}x"
+        print(line)
+    print(f"{'peak memory (MiB)':28}{peak / 2**20:14.1f}   ({peak_how}{', includes torch' if theirs else ''})")
+    print(f"roofline: per decode step {weight_bytes / 2**20:.2f} MiB weights + {filled / 2**20:.2f} MiB KV cache "
+          f"(filled slots; {allocated / 2**20:.2f} MiB allocated and read) at {bandwidth / 1e9:.1f} GB/s ({bw_how})")
+    print(f"          = {roofline:.0f} tokens/s; r1jax decode reaches {rates(ours)[1] / roofline:.3f} of the roofline")
+    if theirs:
+        import torch
+
+        print(f"transformers {transformers_version()} generate: do_sample, KV cache (DynamicCache), prompts repeated "
+              f"G times before prefill, torch {torch.__version__} with {torch.get_num_threads()} thread(s)")
+    if ours["generated"] != B * N:
+        print(f"warning: r1jax generated {ours['generated']} tokens, expected {B * N}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
