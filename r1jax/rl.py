@@ -81,7 +81,10 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
     use_ref = cfg.kl_coef > 0
     ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
     key = jax.random.key(ctx.seed)
-    stream = PromptStream(train_records, seed=ctx.seed)
+    # Every process draws the same global batch of prompts (they are small) and scores all
+    # B completions, so a run's metrics do not depend on the process count; each process
+    # places only its own rows on its devices.
+    stream = PromptStream(train_records, seed=ctx.seed, process_index=0, process_count=1)
     scfg = sampler.SamplerConfig(
         max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens, group_size=G,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids),

@@ -182,6 +182,8 @@ def put_rows(x, mesh: Mesh, rules: Rules) -> jax.Array:
 
 def host_array(x: jax.Array) -> np.ndarray:
     """A full copy of a (possibly multi-host) sharded array on this host."""
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils

@@ -23,7 +23,7 @@ class ToyTask:
     min_value: int = 1
     max_value: int = 9
     # Share of each behaviour in the base corpus: step-by-step, direct, badly formatted.
-    mix: tuple[float, float, float] = (0.3, 0.35, 0.35)
+    mix: tuple[float, float, float] = (0.15, 0.35, 0.5)
     # Chance that a direct answer is right, for min_terms ... max_terms terms.
     direct_accuracy: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05)
 

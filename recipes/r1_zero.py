@@ -83,8 +83,8 @@ def paper() -> R1ZeroConfig:
 def cpu() -> R1ZeroConfig:
     """The embedded default: learns the built-in task on a laptop CPU in minutes."""
     return R1ZeroConfig(
-        rl=RLConfig(steps=40, prompts_per_step=16, group_size=8, mu=1, minibatches=2,
-                    optim=OptimConfig(lr=5e-4, warmup_steps=5, b2=0.98), kl_coef=0.0,
+        rl=RLConfig(steps=60, prompts_per_step=16, group_size=8, mu=1, minibatches=2,
+                    optim=OptimConfig(lr=2e-4, warmup_steps=5, schedule="cosine", b2=0.98), kl_coef=0.0,
                     clip_low=0.2, clip_high=0.28, max_prompt_len=64, max_new_tokens=56,
                     checkpoint_every=10, log_samples_every=10, ref_reset_every=400),
         eval=EvalConfig(every=10, num_prompts=256, samples=4, max_new_tokens=56, batch_prompts=128),
