@@ -177,7 +177,7 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "loss": jnp.sum(losses),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             # Token means of the parts, weighted by their token counts: the minibatch's exact means.
             **{name: jnp.sum(getattr(auxes, field) * auxes.valid_tokens) / jnp.maximum(jnp.sum(auxes.valid_tokens), 1)
                for name, field in (("clip_low_frac", "clip_low_frac"), ("clip_high_frac", "clip_high_frac"),
@@ -239,5 +239,5 @@ def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256):
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -39,7 +39,7 @@ class StopAfter:
 
     def stop_everywhere(self):
         self.n -= 1
-        return self.n < 0
+        return self.n <= 0
 
 
 def test_pulse_and_exact_resume(tmp_path):
