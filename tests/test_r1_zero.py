@@ -1,6 +1,5 @@
 """The R1-Zero recipe end to end on tiny settings: pulse, exact resume, CLI round trip,
 a Hugging Face folder with the GSM8K files."""
-import dataclasses
 import json
 import os
 
