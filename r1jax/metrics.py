@@ -1,5 +1,6 @@
 """Run logging: metrics.jsonl, TensorBoard, sampled completions, a progress line, reward.png, before/after table."""
 import json
+import re
 import math
 import os
 import sys
@@ -323,8 +324,11 @@ def before_after_table(evals: list[dict]) -> str:
         raise ValueError("before_after_table needs at least one eval record (with eval_accuracy)")
     rows = [("base", evals[0])] + ([("after RL", evals[-1])] if len(evals) > 1 else [])
     columns = [("eval_accuracy", "accuracy (pass@1)", True)]
-    if any("eval_maj_accuracy" in r for _, r in rows):
-        columns.append(("eval_maj_accuracy", "maj@k", True))
+    # maj@k is logged as eval_maj<k>_accuracy (e.g. eval_maj4_accuracy), or eval_maj_accuracy.
+    maj = sorted({k for _, r in rows for k in r if re.fullmatch(r"eval_maj\d*_accuracy", k)})
+    for key in maj:
+        k = key.removeprefix("eval_maj").removesuffix("_accuracy") or "k"
+        columns.append((key, f"maj@{k}", True))
     columns += [("eval_format_rate", "format", True), ("eval_completion_len_mean", "mean length", False)]
 
     def cell(record: dict, key: str, pct: bool) -> str:
