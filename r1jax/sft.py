@@ -7,8 +7,12 @@ import dataclasses
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax import train
+from r1jax import sharding, train
+from r1jax.checkpoint import Checkpointer
+from r1jax.metrics import MetricsLogger, Progress
+from r1jax.run import Preempted
 from r1jax.tokenizer import Tokenizer
 
 
@@ -80,10 +84,8 @@ class SFTBatches:
 
 def to_device_batch(arrays: tuple[np.ndarray, ...], normalizer: float, mesh) -> train.SFTBatch:
     """Rows over the data and fsdp axes (replicated where they do not divide)."""
-    from r1jax.sharding import TRAIN_RULES, put_global, put_rows
-
-    tokens, mask, loss_mask = (put_rows(a, mesh, TRAIN_RULES) for a in arrays)
-    norm = put_global(np.float32(normalizer), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    tokens, mask, loss_mask = (sharding.put_rows(a, mesh, sharding.TRAIN_RULES) for a in arrays)
+    norm = sharding.put_global(np.float32(normalizer), NamedSharding(mesh, PartitionSpec()))
     return train.SFTBatch(tokens_BxS=tokens, mask_BxS=mask, loss_mask_BxS=loss_mask, normalizer=norm)
 
 
@@ -93,13 +95,6 @@ def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name
     Per-step losses go to the stage's own metrics.jsonl (run_dir/<name>/), so the run's
     main file holds the RL steps and evaluations that DESIGN.md's contract describes.
     """
-    import dataclasses
-
-    from r1jax import sharding
-    from r1jax.checkpoint import Checkpointer
-    from r1jax.metrics import MetricsLogger, Progress
-    from r1jax.run import Preempted
-
     mesh = ctx.mesh
     policy.model.act_sharding = sharding.ActivationSharding(mesh, sharding.TRAIN_RULES)
     state = train.create_train_state(policy.model, train.make_optimizer(cfg.optim, cfg.steps))
