@@ -8,7 +8,6 @@ import os
 
 import grain
 import jax
-import numpy as np
 
 from r1jax.rewards import gsm8k_gold
 
@@ -68,14 +67,3 @@ class PromptStream:
     def set_state(self, state: dict) -> None:
         self._iter.set_state(state)
 
-
-def left_pad(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens_BxT, mask_BxT), right-aligned; rows longer than `length` keep their end."""
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for i, row in enumerate(rows):
-        row = row[-length:]
-        if row:
-            tokens[i, length - len(row):] = row
-            mask[i, length - len(row):] = True
-    return tokens, mask

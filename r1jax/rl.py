@@ -74,8 +74,9 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
     """Run `cfg.steps` GRPO steps from `policy`; resumes from the stage's last checkpoint."""
     tok, mesh = policy.tokenizer, ctx.mesh
     P, G = cfg.prompts_per_step, cfg.group_size
-    tx = train.make_optimizer(cfg.optim, cfg.steps * cfg.mu * cfg.minibatches)
-    schedule = train.lr_schedule(cfg.optim, cfg.steps * cfg.mu * cfg.minibatches)
+    updates = cfg.steps * cfg.mu * cfg.minibatches  # optimizer steps in the stage
+    tx = train.make_optimizer(cfg.optim, updates)
+    schedule = train.lr_schedule(cfg.optim, updates)
     policy.model.act_sharding = sharding.ActivationSharding(mesh, sharding.TRAIN_RULES)
     state = train.create_train_state(policy.model, tx)
     use_ref = cfg.kl_coef > 0
@@ -127,7 +128,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
         t2 = time.perf_counter()
 
         loss_mask = mask & ~truncated[:, None] if cfg.mask_truncated else mask
-        put = lambda x: sharding.put_rows(sharding.host_array(x), mesh, sharding.TRAIN_RULES)  # noqa: E731
+        put = lambda x: sharding.put_rows(x, mesh, sharding.TRAIN_RULES)  # noqa: E731
         prompt_BxTp, prompt_mask_BxTp = put(rollout.prompt_tokens_BxT), put(rollout.prompt_mask_BxT)
         completion_BxT, loss_mask_BxT = put(rollout.tokens_BxT), put(loss_mask)
         old_logp = put(rollout.logp_BxT)

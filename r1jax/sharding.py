@@ -175,9 +175,16 @@ def put_global(x, target: NamedSharding) -> jax.Array:
 
 
 def put_rows(x, mesh: Mesh, rules: Rules) -> jax.Array:
-    """A host batch with its rows over the rules' `batch` axes (replicated if they do not divide)."""
+    """A batch with its rows over the rules' `batch` axes (replicated if they do not divide).
+
+    A jax array already on the mesh is resharded on device (a no-op when it already sits
+    there), never copied through the host; a host array is placed slice by slice.
+    """
     spec = logical_to_spec(("batch",) + (None,) * (np.ndim(x) - 1), rules, np.shape(x), mesh)
-    return put_global(x, NamedSharding(mesh, spec))
+    target = NamedSharding(mesh, spec)
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, target)
+    return put_global(x, target)
 
 
 def host_array(x: jax.Array) -> np.ndarray:

@@ -108,15 +108,14 @@ def _toy_splits(cfg: R1ZeroConfig) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
-def toy_base_stage(ctx: Context, policy: Policy | None, *, cfg: R1ZeroConfig) -> Policy:
+def toy_base_stage(ctx: Context, policy: Policy | None, *, cfg: R1ZeroConfig, train_problems: list[dict]) -> Policy:
     """Pretrain the small base model on the built-in task's mixed corpus; cached by settings."""
     key = hashlib.sha256(repr((cfg.base, cfg.seed)).encode()).hexdigest()[:12]
     cache = os.path.join(cfg.base.cache_dir, f"toy_base-{key}")
     if os.path.exists(os.path.join(cache, "config.json")):
         print(f"[r1jax] toy_base: reusing the cached base model in {cache}")
         return load_policy(cache, ctx)
-    train, _ = _toy_splits(cfg)
-    corpus = toy.base_corpus(cfg.base.task, train, seed=cfg.seed + 1)
+    corpus = toy.base_corpus(cfg.base.task, train_problems, seed=cfg.seed + 1)
     tokenizer = train_sentencepiece([p + c for p, c in corpus[:5000]], None, cfg.base.vocab_size,
                                     max_piece_length=128, split_by_whitespace=False,
                                     split_by_unicode_script=False)
@@ -140,7 +139,7 @@ def _rewards() -> RewardSet:
 def stages(cfg: R1ZeroConfig) -> list:
     if cfg.model == "toy":
         train_records, eval_records = _toy_splits(cfg)
-        pipeline = [("toy_base", functools.partial(toy_base_stage, cfg=cfg))]
+        pipeline = [("toy_base", functools.partial(toy_base_stage, cfg=cfg, train_problems=train_records))]
     else:
         if not cfg.model or not cfg.data.train:
             raise SystemExit("set model=<HF folder> and data=<.jsonl/.parquet> (data.train=...)")

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import GSM8K_DIR
-from r1jax.data import PromptStream, left_pad, read_records
+from r1jax.data import PromptStream, read_records
 
 
 def test_gsm8k_jsonl_reads_as_is():
@@ -36,8 +36,3 @@ def test_stream_is_deterministic_resumable_and_sliced_per_process():
     halves = [PromptStream(records, seed=3, process_index=i, process_count=2).take(25) for i in range(2)]
     assert sorted(r["prompt"] for h in halves for r in h) == sorted(r["prompt"] for r in records)
 
-
-def test_left_pad():
-    tokens, mask = left_pad([[1, 2, 3], [4]], 4, pad_id=0)
-    assert tokens.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]]
-    assert mask.tolist() == [[False, True, True, True], [False, False, False, True]]
