@@ -4,6 +4,7 @@ Dotted keys reach nested dataclasses (`rl.group_size=8`); values are parsed by t
 field's annotation, so a typo or a bad value fails before anything runs.
 """
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -49,29 +50,53 @@ def _parse(value: str, annotation: Any, key: str) -> Any:
 
 
 def override(cfg: T, assignments: list[str]) -> T:
-    """A copy of `cfg` with each "a.b.c=value" applied."""
+    """A copy of `cfg` with each "a.b.c=value" applied.
+
+    Errors are ValueErrors naming the key: an unknown key with the nearest real ones, a
+    value that does not parse, or a dataclass's `__post_init__` check the new value fails.
+    """
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"expected key=value, got {item!r}")
         key, value = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), value.strip(), key)
+        cfg = _set(cfg, key.strip().split("."), value.strip(), key.strip(), cfg)
     return cfg
 
 
-def _set(obj: Any, path: list[str], value: str, full_key: str) -> Any:
+def _set(obj: Any, path: list[str], value: str, full_key: str, root: Any) -> Any:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     name = path[0]
     if name not in fields:
-        raise ValueError(f"unknown setting {full_key!r}; settings here: {', '.join(fields)}")
+        raise ValueError(f"unknown setting {full_key!r}{_did_you_mean(full_key, path, fields, root)}; "
+                         f"settings here: {', '.join(fields)}")
     hints = typing.get_type_hints(type(obj))
     current = getattr(obj, name)
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"{full_key!r}: {name} has no sub-settings")
-        return dataclasses.replace(obj, **{name: _set(current, path[1:], value, full_key)})
-    if dataclasses.is_dataclass(current):
+        new = _set(current, path[1:], value, full_key, root)
+    elif dataclasses.is_dataclass(current):
         raise ValueError(f"{full_key!r} is a group; set one of its fields, e.g. {full_key}.<name>=...")
-    return dataclasses.replace(obj, **{name: _parse(value, hints[name], full_key)})
+    else:
+        new = _parse(value, hints[name], full_key)
+    try:  # runs __post_init__ of this level, so its checks see the new value
+        return dataclasses.replace(obj, **{name: new})
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ValueError(f"{full_key}={value}: {e}") from e
+
+
+def _did_you_mean(full_key: str, path: list[str], fields: dict, root: Any) -> str:
+    # Close names at the failing level, then whole keys ending with what was typed
+    # ("group_size" -> "rl.group_size", "optim.lr" -> every "*.optim.lr"), then close whole keys.
+    keys = list(flatten(root))
+    prefix = full_key.split(".")[: -len(path)]
+    near = [".".join([*prefix, m, *path[1:]]) for m in difflib.get_close_matches(path[0], fields, n=3)]
+    near += [k for k in keys if k.endswith("." + full_key)]
+    near += difflib.get_close_matches(full_key, keys, n=3)
+    near = [k for k in dict.fromkeys(near) if k in keys][:5]
+    if not near:
+        return ""
+    return f" (did you mean {near[0]}?)" if len(near) == 1 else f" (did you mean one of {', '.join(near)}?)"
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
