@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 from r1jax import sharding
 from r1jax.model import ModelConfig, RopeScaling, Transformer
@@ -150,19 +151,29 @@ def config_to_hf(cfg: ModelConfig, *, torch_dtype: str) -> dict:
     return out
 
 
+def _dtype_name(dtype: DTypeLike) -> str:
+    """"bfloat16" from "bfloat16", np.dtype("bfloat16") or jnp.bfloat16 alike."""
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError as e:
+        raise ValueError(f"dtype={dtype!r} is not a dtype; use e.g. 'float32' or jnp.bfloat16") from e
+
+
 def load_hf(
     path: str,
-    dtype: str = "float32",
+    dtype: DTypeLike = "float32",
     *,
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding.Rules = sharding.TRAIN_RULES,
 ) -> tuple[ModelConfig, Transformer]:
     """Read a Hugging Face folder into a ModelConfig and a sharded Transformer.
 
-    `dtype` is the parameter dtype. Each parameter is assembled shard by shard with
-    `make_array_from_callback`: a device's callback reads only the layers it holds
-    from the memory-mapped files, so no full unsharded model is ever materialised.
+    `dtype` is the parameter dtype ("float32" or "bfloat16", as a name or a dtype). Each
+    parameter is assembled shard by shard with `make_array_from_callback`: a device's
+    callback reads only the layers it holds from the memory-mapped files, so no full
+    unsharded model is ever materialised.
     """
+    dtype = _dtype_name(dtype)
     with open(os.path.join(path, "config.json")) as f:
         cfg = config_from_hf(json.load(f), param_dtype=dtype)
     tensors = SafetensorsFolder(path)
@@ -199,13 +210,14 @@ def load_hf(
     return cfg, nnx.merge(graphdef, state)
 
 
-def save_hf(cfg: ModelConfig, model: Transformer, path: str, *, dtype: str | None = None, tokenizer=None) -> None:
+def save_hf(cfg: ModelConfig, model: Transformer, path: str, *, dtype: DTypeLike | None = None,
+            tokenizer=None) -> None:
     """Write a folder transformers (and vLLM) load: config.json, safetensors (split
     at 5 GiB with an index), and the tokenizer's files when one is given.
 
     Every process takes part in gathering each tensor; only process 0 writes.
     """
-    dtype = dtype or cfg.param_dtype
+    dtype = _dtype_name(dtype or cfg.param_dtype)
     np_dtype = np.dtype(jnp.dtype(dtype))
     layer_map, top_map = _layer_map(cfg), _top_map(cfg)
     top_values = {"embed": model.embed, "final_norm": model.final_norm}

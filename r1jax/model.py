@@ -279,12 +279,16 @@ class Transformer(nnx.Module):
     def _constrain(self, x, axes):
         return x if self.act_sharding is None else self.act_sharding.constrain(x, axes)
 
-    def __call__(self, tokens_BxT, positions_BxT, mask_BxT=None, cache: KVCache | None = None):
-        """Logits (fp32) for every position, and the updated cache (None without one)."""
+    def __call__(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None):
+        """Logits (fp32) for every position, and the updated cache (None without one).
+
+        Without `positions_BxT`, a token's position is the number of real tokens before it (in the
+        cache and this call): 0..T-1 for an unpadded batch, as transformers' `model(input_ids)`.
+        """
         h_BxTxD, cache = self.hidden(tokens_BxT, positions_BxT, mask_BxT, cache)
         return self.logits(h_BxTxD), cache
 
-    def hidden(self, tokens_BxT, positions_BxT, mask_BxT=None, cache: KVCache | None = None):
+    def hidden(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None):
         """Final-normed hidden states; `mask_BxT` is False on padding tokens."""
         cfg = self.cfg
         dt = cfg.compute_dtype
@@ -294,10 +298,6 @@ class Transformer(nnx.Module):
         x_BxTxD = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(dt)
         x_BxTxD = self._constrain(x_BxTxD, ("batch", None, None))
 
-        angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(cfg)
-        angles_BxTxH = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)
-        cos_BxTxH, sin_BxTxH = jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
-
         if cache is None:
             q_slot_T = jnp.arange(T)
             kv_mask_BxS = mask_BxT
@@ -305,6 +305,15 @@ class Transformer(nnx.Module):
             q_slot_T = cache.index + jnp.arange(T)
             kv_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, cache.index))
         S = kv_mask_BxS.shape[1]
+        if positions_BxT is None:
+            positions_BxT = positions_from_mask(kv_mask_BxS)
+            if cache is not None:
+                positions_BxT = jax.lax.dynamic_slice_in_dim(positions_BxT, cache.index, T, axis=1)
+
+        angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(cfg)
+        angles_BxTxH = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)
+        cos_BxTxH, sin_BxTxH = jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
+
         causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
         attn_mask_BxTxS = causal_TxS[None] & kv_mask_BxS[:, None, :]
 

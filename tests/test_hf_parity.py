@@ -138,6 +138,24 @@ def test_bf16_params_load(hf_folder):
     assert np.abs(ours - ref)[mask].max() < 0.1
 
 
+def test_dtype_may_be_a_name_or_a_dtype(tmp_path):
+    path = str(tmp_path / "qwen2")
+    _tiny_hf("qwen2").save_pretrained(path)
+    by_name = {name: nnx.state(hf.load_hf(path, dtype=name)[1]) for name in ("float32", "bfloat16")}
+    for dtype, name in ((jnp.bfloat16, "bfloat16"), (np.dtype(jnp.bfloat16), "bfloat16"),
+                        (jnp.float32, "float32"), (np.float32, "float32")):
+        cfg, model = hf.load_hf(path, dtype=dtype)
+        assert cfg.param_dtype == name and model.layers["wq"].get_value().dtype == jnp.dtype(name)
+        for x, y in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(by_name[name])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    hf.save_hf(cfg, model, str(tmp_path / "saved"), dtype=jnp.bfloat16)
+    with open(tmp_path / "saved" / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    for bad in ("float16", "fp32", 3):
+        with pytest.raises(ValueError):
+            hf.load_hf(path, dtype=bad)
+
+
 def test_missing_tensor_and_unknown_architecture_are_named(hf_folder, tmp_path):
     _, _, path = hf_folder
     cfg, model = hf.load_hf(path)

@@ -106,6 +106,33 @@ def test_left_padding_matches_unpadded_rows():
         np.testing.assert_allclose(np.asarray(logits[row, 10 - n:]), np.asarray(ref[0]), atol=1e-5, rtol=0)
 
 
+def test_positions_default_to_real_tokens_before_each_token():
+    """`model(tokens)` means positions 0..T-1, as transformers' `model(input_ids)`; with a mask
+    (and a cache) they count the real tokens before each one, as positions_from_mask does."""
+    cfg = _cfg()
+    model = _model(cfg)
+    graphdef, state = nnx.split(model)
+    tokens = _tokens(B=2, T=9)
+    plain = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens)
+    explicit, _ = _forward(model, tokens, jnp.broadcast_to(jnp.arange(9), (2, 9)))
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(explicit), atol=1e-6, rtol=0)
+
+    mask = jnp.asarray(np.arange(9)[None] >= np.array([[0], [3]]))  # row 1 left-padded
+    pos = positions_from_mask(mask)
+    explicit, _ = _forward(model, tokens, pos, mask)
+    implicit, _ = _forward(model, tokens, None, mask)
+    keep = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(implicit)[keep], np.asarray(explicit)[keep], atol=1e-6, rtol=0)
+    # Prefill then one-token decode steps, positions left out: the cache's mask supplies them.
+    logits, cache = _forward(model, tokens[:, :6], None, mask[:, :6], KVCache.init(cfg, batch=2, length=12))
+    steps = [logits]
+    for t in range(6, 9):
+        step_logits, cache = _forward(model, tokens[:, t:t + 1], None, mask[:, t:t + 1], cache)
+        steps.append(step_logits)
+    cached = np.asarray(jnp.concatenate(steps, axis=1))
+    np.testing.assert_allclose(cached[keep], np.asarray(explicit)[keep], atol=1e-5, rtol=0)
+
+
 def _loss(model, tokens):
     pos = positions_from_mask(jnp.ones_like(tokens, bool))
     logits, _ = _forward(model, tokens, pos)

@@ -1,4 +1,5 @@
-"""The GRPO update: inner epochs move the ratio off 1 and clip; accumulation is exact."""
+"""The GRPO update: inner epochs move the ratio off 1 and clip; accumulation is exact; it equals a
+plain loop over shuffled minibatches, on one device or a mesh; it moves log-probs with the advantage."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,19 +69,112 @@ def test_microbatch_accumulation_equals_full_minibatch():
 
 
 def test_update_is_sharded_and_matches_single_device():
+    # Plain SGD (with momentum, so the optimizer holds a parameter-shaped state to shard): the
+    # update is linear in the gradients, so it carries their fp32 rounding only. Adam divides by
+    # sqrt(v): a near-zero gradient's reduction-order noise becomes a full lr-sized step there.
     outs = []
     for shape in ((1, 1, 1), (2, 2, 2)):
         devices = jax.devices()[: int(np.prod(shape))]
         cfg = ModelConfig.toy().replace(vocab_size=64, n_layers=2, d_model=64, d_ff=128, head_dim=16)
         mesh = sharding.MeshConfig(*shape).make(devices)
         model = create_model(cfg, mesh=mesh, seed=1)
-        state = train.create_train_state(model, train.make_optimizer(train.OptimConfig(lr=1e-3), 10))
+        state = train.create_train_state(model, optax.sgd(1.0, momentum=0.9))
         prompt, prompt_mask, completion, mask, adv = _batch(cfg)
-        old = _old_logp(state, prompt, prompt_mask, completion, mask)
+        old = _old_logp(state, prompt, prompt_mask, completion, mask) + 0.05  # ratio != 1
         batch = train.RLBatch(prompt, prompt_mask, completion, mask, old, old - 0.1, adv)
-        state, _ = train.rl_update(state, batch, jax.random.key(0), train.RLHyper(kl_coef=0.1, minibatches=2))
-        outs.append(state)
-    specs = jax.tree.map(lambda x: x.sharding.spec, nnx.to_pure_dict(outs[1].params))
+        # Clip at R1's 10 so it never binds: a clipped token's gradient jumps to 0, and a ratio
+        # within rounding of the boundary would make the comparison ill-conditioned.
+        hp = train.RLHyper(kl_coef=0.1, minibatches=2, clip_low=10.0, clip_high=10.0)
+        state, metrics = train.rl_update(state, batch, jax.random.key(0), hp)
+        outs.append((state, metrics))
+    (single, m1), (sharded, m8) = outs
+    specs = jax.tree.map(lambda x: x.sharding.spec, nnx.to_pure_dict(sharded.params))
     assert specs["layers"]["w_gate"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    for x, y in zip(jax.tree.leaves(outs[0].params), jax.tree.leaves(outs[1].params)):
+    trace = nnx.to_pure_dict(sharded.opt_state[0].trace)  # momentum mirrors the parameters' shardings
+    assert trace["layers"]["w_gate"].sharding.spec == specs["layers"]["w_gate"]
+    assert float(m1["clip_frac_last"]) == float(m8["clip_frac_last"]) == 0.0
+    # The first minibatch's ratios are exactly e^-0.05; the second saw the moved policy.
+    assert abs(float(m1["ratio_mean"]) - np.exp(-0.05)) > 1e-3
+    for key in ("loss", "kl", "entropy", "ratio_mean", "ratio_mean_last", "logp_gap_mean"):
+        np.testing.assert_allclose(float(m8[key]), float(m1[key]), atol=1e-6, rtol=0, err_msg=key)
+    np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5, atol=0)
+    # lr 1: the parameters moved by 1.9 g1 + g2 (gradients up to ~1), 1000x the old Adam test's step.
+    for x, y in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+
+
+def _reference_rl_update(state, batch, key, hp, tx):
+    """rl_update written out as a plain loop: per epoch a fresh permutation, contiguous
+    minibatches of it, each one loss gradient over the whole minibatch, one optimizer step.
+    Returns the parameters, each minibatch's loss, and its importance ratios on real tokens."""
+    B = batch.adv_B.shape[0]
+    size = B // hp.minibatches
+
+    @jax.jit
+    def loss_and_grad(params, mb):
+        def loss_fn(params):
+            logp_BxT, _ = train.completion_logprobs(
+                nnx.merge(state.graphdef, params), mb.prompt_BxTp, mb.prompt_mask_BxTp, mb.completion_BxT,
+                mb.completion_mask_BxT, temperature=hp.temperature)
+            loss, _ = grpo.grpo_loss(
+                logp_BxT, mb.old_logp_BxT, mb.ref_logp_BxT, mb.adv_B, mb.completion_mask_BxT,
+                clip_low=hp.clip_low, clip_high=hp.clip_high, kl_coef=hp.kl_coef, kl_kind=hp.kl_kind,
+                aggregation=hp.aggregation, max_len=hp.max_len, importance=hp.importance,
+                normalizer=grpo.loss_denominator(mb.completion_mask_BxT, hp.aggregation))
+            return loss, jnp.exp(logp_BxT - mb.old_logp_BxT)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    params, opt_state, losses, ratios = state.params, tx.init(state.params), [], []
+    for epoch_key in jax.random.split(key, hp.mu):
+        perm = jax.random.permutation(epoch_key, B)
+        for m in range(hp.minibatches):
+            mb = jax.tree.map(lambda x: x[perm[m * size:(m + 1) * size]], batch)
+            (loss, ratio_BxT), grads = loss_and_grad(params, mb)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            losses.append(float(loss))
+            ratios.append(np.asarray(ratio_BxT)[np.asarray(mb.completion_mask_BxT)])
+    return params, losses, ratios
+
+
+def test_rl_update_equals_reference_loop():
+    tx = optax.sgd(0.2)  # linear in the gradients: the comparison carries fp32 rounding only
+    cfg, state = _setup(tx=tx)
+    prompt, prompt_mask, completion, mask, adv = _batch(cfg)
+    old = _old_logp(state, prompt, prompt_mask, completion, mask) + 0.03
+    batch = train.RLBatch(prompt, prompt_mask, completion, mask, old, old - 0.2, adv)
+    hp = train.RLHyper(mu=2, minibatches=2, microbatches=2, clip_low=0.1, clip_high=0.1, kl_coef=0.1)
+    key = jax.random.key(3)
+    ref_params, ref_losses, ratios = _reference_rl_update(state, batch, key, hp, tx)
+    # The epochs' shuffles differ, so a wrong permutation or split could not pass.
+    perms = [np.asarray(jax.random.permutation(k, 8)) for k in jax.random.split(key, hp.mu)]
+    assert not np.array_equal(np.sort(perms[0][:4]), np.sort(perms[1][:4]))
+    # The clip binds on some tokens, and no ratio sits within 1e-4 of a clip boundary: a clipped
+    # token's gradient is 0, so one within rounding of it would make the comparison ill-conditioned.
+    ratios = np.concatenate(ratios)
+    assert ((ratios < 0.9) | (ratios > 1.1)).any()
+    assert np.abs(ratios[:, None] - np.array([0.9, 1.1])).min() > 1e-4
+
+    state, metrics = train.rl_update(state, batch, key, hp)
+    assert int(state.step) == 4
+    # rl_update reports the minibatches' mean loss.
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(ref_losses), atol=1e-6, rtol=0)
+    for x, y in zip(jax.tree.leaves(ref_params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5, rtol=0)
+
+
+def test_update_raises_positive_and_lowers_negative_advantage_completions():
+    cfg, state = _setup(lr=1e-2)  # Adam, as trained
+    prompt, prompt_mask, completion, mask, _ = _batch(cfg)
+    adv = grpo.group_advantages(jnp.array([1.0, 0, 0, 1, 0, 1, 0, 0]), 4)
+    old = _old_logp(state, prompt, prompt_mask, completion, mask)
+    batch = train.RLBatch(prompt, prompt_mask, completion, mask, old, None, adv)
+    state, _ = train.rl_update(state, batch, jax.random.key(0), train.RLHyper())  # one optimizer step
+    new = _old_logp(state, prompt, prompt_mask, completion, mask)
+    # Each completion's mean token log-prob: up where A > 0, down where A < 0, by a clear margin
+    # (here each moves by 0.3 or more).
+    delta = np.asarray(jnp.sum(jnp.where(mask, new - old, 0.0), axis=1) / jnp.sum(mask, axis=1))
+    adv = np.asarray(adv)
+    assert (adv != 0).all()
+    assert (delta[adv > 0] > 0.1).all() and (delta[adv < 0] < -0.1).all(), (adv, delta)
