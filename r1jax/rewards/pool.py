@@ -3,7 +3,8 @@
 Why not multiprocessing.Pool or ProcessPoolExecutor: neither can stop one stuck task. Here
 each worker holds one item at a time; a worker that misses its item's deadline is killed and
 replaced, and only that item is lost. Workers send "ready" once their initializer has run,
-so import time never eats into an item's deadline.
+so import time never eats into an item's deadline, and each worker's start-up is timed from its
+own spawn: a replacement started late in a long call gets the same time to start as the first.
 
 Workers are fresh interpreters (`python -c`, never a fork of a trainer holding accelerator
 runtimes and threads) that speak multiprocessing's Connection protocol over a socketpair.
@@ -31,8 +32,8 @@ from typing import Any
 OK, TIMEOUT, ERROR = "ok", "timeout", "error"
 Outcome = tuple[str, Any]  # (status, value); value is the result, or a message
 
-_STARTUP_TIMEOUT_S = 120.0
-_MAX_STARTUP_DEATHS = 3  # per worker slot and call: a broken initializer fails fast
+_STARTUP_TIMEOUT_S = 120.0  # per worker, from its spawn
+_MAX_STARTUP_DEATHS = 3  # per worker slot, in a row: a broken initializer fails fast
 _POOLS: weakref.WeakSet = weakref.WeakSet()
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
          "from r1jax.rewards.pool import _worker_main; _worker_main(int(sys.argv[2]))")
@@ -75,6 +76,7 @@ class _Worker:
         child_sock.close()
         self.conn = multiprocessing.connection.Connection(parent_sock.detach())
         self.conn.send_bytes(pickle.dumps(initializer))
+        self.spawned = time.monotonic()
         self.ready = False
         self.task: tuple[int, float] | None = None  # (item index, deadline)
 
@@ -132,8 +134,7 @@ class WorkerPool:
             self._workers.append(_Worker(self.initializer))
         pending = collections.deque(range(len(args_list)))
         task_ids: dict[int, int] = {}  # task id -> item index
-        call_start = time.monotonic()
-        startup_deaths = 0
+        startup_deaths = 0  # since a worker last became ready
         done = 0
 
         def finish(i, outcome):
@@ -161,12 +162,6 @@ class WorkerPool:
                         w.task = (i, now + timeout_s)
                     except Exception as e:  # noqa: BLE001 - unpicklable args, or a dead pipe
                         finish(i, (ERROR, f"send failed: {e}"[:500]))
-            if not any(w.ready for w in self._workers) and (
-                    now - call_start > _STARTUP_TIMEOUT_S
-                    or startup_deaths >= _MAX_STARTUP_DEATHS * self.n_workers):
-                while pending:  # workers cannot start (a broken initializer): fail, don't hang
-                    finish(pending.popleft(), (ERROR, "workers failed to start"))
-                break
             deadlines = [w.task[1] for w in self._workers if w.task is not None]
             wait_s = max(0.0, min(deadlines) - now) if deadlines else 1.0
             by_conn = {w.conn: w for w in self._workers}
@@ -180,6 +175,7 @@ class WorkerPool:
                     continue
                 if task_id is None:
                     w.ready = True
+                    startup_deaths = 0
                     continue
                 i = task_ids.pop(task_id, None)
                 if i is not None:
@@ -189,6 +185,19 @@ class WorkerPool:
             for w in list(self._workers):
                 if w.task is not None and now > w.task[1]:
                     replace(w, (TIMEOUT, f"no result within {timeout_s}s"))
+            # Judged after reading what the workers sent, so a worker that became ready while
+            # no call was running is seen as ready, not as stuck.
+            if not any(w.ready for w in self._workers) and (
+                    all(now - w.spawned > _STARTUP_TIMEOUT_S for w in self._workers)
+                    or startup_deaths >= _MAX_STARTUP_DEATHS * self.n_workers):
+                # Workers cannot start (a broken or hanging initializer): fail, don't hang, and
+                # give the next call fresh workers in place of the stuck ones.
+                for w in list(self._workers):
+                    if now - w.spawned > _STARTUP_TIMEOUT_S:
+                        replace(w, None)
+                while pending:
+                    finish(pending.popleft(), (ERROR, "workers failed to start"))
+                break
         return results
 
 
