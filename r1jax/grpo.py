@@ -1,4 +1,5 @@
-"""GRPO loss math: group advantages, per-token KL estimators and the clipped surrogate.
+"""GRPO loss math: group advantages, per-token KL estimators, the clipped surrogate (PPO or CISPO),
+and DAPO's overlong penalty and dynamic-sampling helpers.
 
 Shapes: B rows (P prompts x G completions, each group contiguous), T completion tokens.
 """
@@ -11,6 +12,7 @@ SCALES = ("group", "batch", "none")
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 IMPORTANCE_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("ppo", "cispo")
 
 # exp(20) ~ 4.9e8: far past any clip range, yet finite in fp32 and bf16. verl uses the same bound.
 LOG_RATIO_CLAMP = 20.0
@@ -89,17 +91,38 @@ def kl_penalty(logp_BxT, ref_logp_BxT, kind="k3"):
     return jnp.maximum(jnp.expm1(ref_log_ratio_BxT) - ref_log_ratio_BxT, 0.0)
 
 
+def tis_weights(old_logp_BxT, sampler_logp_BxT, cap, *, mask_BxT=None):
+    """Truncated importance sampling: per token min(pi_old / pi_sampler, cap), stop-gradient.
+
+    Corrects for the sampler's log-probs differing from the trainer's (bf16, top-k/top-p) when
+    old_logp is recomputed by the trainer; pass the result as grpo_loss's is_weights_BxT. As verl's
+    token-level rollout correction (rollout_is="token", rollout_is_threshold=cap): the log-ratio
+    is clamped to +-LOG_RATIO_CLAMP before exp; masked positions (may hold junk) get weight 0.
+    """
+    if isinstance(cap, (int, float)) and not cap > 0:
+        raise ValueError(f"cap={cap}; it must be positive")
+    log_w_BxT = old_logp_BxT.astype(jnp.float32) - sampler_logp_BxT.astype(jnp.float32)
+    w_BxT = jnp.minimum(jnp.exp(jnp.clip(log_w_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), cap)
+    if mask_BxT is not None:
+        w_BxT = jnp.where(jnp.asarray(mask_BxT).astype(bool), w_BxT, 0.0)
+    return jax.lax.stop_gradient(w_BxT)
+
+
 class LossAux(NamedTuple):
     """What grpo_loss returns beside the loss; every field a scalar.
 
     loss_numerator, loss_denominator: see grpo_loss's accumulation contract.
     valid_tokens: this call's count of unmasked tokens. Every *_frac and *_mean is a mean over those
     tokens, so weighting by valid_tokens combines microbatches into the full batch's value exactly.
-    clip_low_frac: share of tokens where the lower clip binds (ratio < 1 - clip_low and adv < 0);
-    clip_high_frac: where the upper clip binds (ratio > 1 + clip_high and adv > 0);
+    ppo: clip_low_frac: share of tokens where the lower clip binds (ratio < 1 - clip_low and
+    adv < 0); clip_high_frac: where the upper clip binds (ratio > 1 + clip_high and adv > 0);
     dual_clip_frac: where the dual clip binds (ratio > dual_clip and adv < 0). Where any binds, the
-    token's surrogate gradient is exactly zero. ratio_mean: mean importance ratio as the loss used
-    it; log_ratio_mean: mean per-token logp - old_logp (drift from the sampling policy);
+    token's surrogate gradient is exactly zero.
+    cispo: clip_low_frac / clip_high_frac: where the IS weight was clipped (ratio < 1 - clip_low,
+    ratio > 1 + clip_high, whatever adv's sign); those tokens keep their gradient. dual_clip_frac 0.
+    ratio_mean: mean importance ratio before clipping (after log_ratio_clamp and, for
+    importance="sequence", the row mean); log_ratio_mean: mean per-token logp - old_logp (drift
+    from the sampling policy);
     kl_mean: mean per-token KL estimate to the reference (0 without one).
     """
 
@@ -141,12 +164,24 @@ def grpo_loss(
     importance="token",
     log_ratio_clamp=LOG_RATIO_CLAMP,
     normalizer=None,
+    loss_type="ppo",
+    is_weights_BxT=None,
 ):
     """Clipped GRPO surrogate plus kl_coef * KL to the reference, aggregated over valid tokens.
 
     Per token: ratio = exp(clip(logp - old_logp, +-log_ratio_clamp)); loss = -min(ratio * A,
     clip(ratio, 1 - clip_low, 1 + clip_high) * A) + kl_coef * kl_penalty(logp, ref_logp, kl_kind).
     dual_clip=c (> 1, verl's clip_ratio_c) also caps a negative-advantage token's loss at -c * A.
+    loss_type="cispo" (MiniMax-M1) replaces the surrogate with -sg(clip(ratio, 1 - clip_low,
+    1 + clip_high)) * A * logp: the clipped IS weight is a constant, so every token keeps a
+    gradient (-weight * A / N), where PPO zeroes clipped tokens' gradients. Its value is not PPO's
+    (it holds logp); only its gradient is comparable. The bounds act whatever A's sign, as in
+    verl's policy_loss "cispo" (clip_ratio_low/high). MiniMax-M1 set no lower bound: clip_low=1.0
+    (bound 0). TRL's loss_type="cispo" caps the weight at epsilon_high (absolute; 5.0 recommended)
+    with no lower bound: clip_low=1.0, clip_high=epsilon_high - 1. With importance="sequence" the
+    weight is the clipped sequence ratio (TRL's sequence-level CISPO). No dual_clip for cispo.
+    is_weights_BxT (e.g. tis_weights) multiply each token's surrogate term, not the KL term, as
+    verl's rollout_is_weights and TRL's vLLM importance-sampling correction do.
     importance="sequence" is GSPO: every token's ratio is exp(mean over the row's valid tokens of
     logp - old_logp), written as logp - sg(logp) + sg(mean) so the value is the sequence ratio and
     each token's gradient flows through its own logp ("GSPO-token", as in the paper and verl);
@@ -174,17 +209,20 @@ def grpo_loss(
     _check_choice("kl_kind", kl_kind, KL_KINDS)
     _check_choice("aggregation", aggregation, AGGREGATIONS)
     _check_choice("importance", importance, IMPORTANCE_LEVELS)
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
     if aggregation == "seq_mean_token_sum_norm" and max_len is None:
         raise ValueError('aggregation="seq_mean_token_sum_norm" needs max_len')
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip={dual_clip}; it must exceed 1")
+    if dual_clip is not None and loss_type == "cispo":
+        raise ValueError('dual_clip has no meaning for loss_type="cispo" (no gradient is cut)')
     if ref_logp_BxT is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
         raise ValueError("ref_logp_BxT=None needs kl_coef=0")
     shape = jnp.shape(mask_BxT)
-    others = [old_logp_BxT] + ([] if ref_logp_BxT is None else [ref_logp_BxT])
+    others = [old_logp_BxT] + [x for x in (ref_logp_BxT, is_weights_BxT) if x is not None]
     if len(shape) != 2 or any(jnp.shape(x) != shape for x in [logp_BxT, *others]):
-        raise ValueError(f"logp, old_logp, ref_logp and mask must share one (B, T) shape; "
-                         f"mask is {shape}")
+        raise ValueError(f"logp, old_logp, ref_logp, is_weights and mask must share one (B, T) "
+                         f"shape; mask is {shape}")
     if jnp.shape(adv_B) != shape[:1]:
         raise ValueError(f"adv_B has shape {jnp.shape(adv_B)}; expected {shape[:1]}")
 
@@ -208,18 +246,28 @@ def grpo_loss(
         used_log_ratio_BxT = log_ratio_BxT
     ratio_BxT = jnp.exp(jnp.clip(used_log_ratio_BxT, -log_ratio_clamp, log_ratio_clamp))
 
-    # PPO's min(r*A, clip(r)*A) binds on one side only: it caps r at 1 + clip_high when A > 0 and
-    # floors it at 1 - clip_low when A < 0. Written with where, the bound is a constant, so the
-    # gradient is exactly 0 where the clip binds and -A * r elsewhere (no half-gradients at ties).
-    high_BxT = (ratio_BxT > 1.0 + clip_high) & (adv_Bx1 > 0)
-    low_BxT = (ratio_BxT < 1.0 - clip_low) & (adv_Bx1 < 0)
-    factor_BxT = jnp.where(high_BxT, 1.0 + clip_high, jnp.where(low_BxT, 1.0 - clip_low, ratio_BxT))
-    if dual_clip is None:
-        dual_BxT = jnp.zeros_like(valid_BxT)
+    high_BxT = ratio_BxT > 1.0 + clip_high
+    low_BxT = ratio_BxT < 1.0 - clip_low
+    dual_BxT = jnp.zeros_like(valid_BxT)
+    if loss_type == "cispo":
+        weight_BxT = jnp.where(high_BxT, 1.0 + clip_high,
+                               jnp.where(low_BxT, 1.0 - clip_low, ratio_BxT))
+        per_token_BxT = -adv_Bx1 * jax.lax.stop_gradient(weight_BxT) * logp_BxT
     else:
-        dual_BxT = (ratio_BxT > dual_clip) & (adv_Bx1 < 0)
-        factor_BxT = jnp.where(dual_BxT, dual_clip, factor_BxT)
-    per_token_BxT = -adv_Bx1 * factor_BxT
+        # PPO's min(r*A, clip(r)*A) binds on one side only: it caps r at 1 + clip_high when A > 0
+        # and floors it at 1 - clip_low when A < 0. Written with where, the bound is a constant, so
+        # the gradient is exactly 0 where the clip binds and -A * r elsewhere (no half-gradients).
+        high_BxT = high_BxT & (adv_Bx1 > 0)
+        low_BxT = low_BxT & (adv_Bx1 < 0)
+        factor_BxT = jnp.where(high_BxT, 1.0 + clip_high,
+                               jnp.where(low_BxT, 1.0 - clip_low, ratio_BxT))
+        if dual_clip is not None:
+            dual_BxT = (ratio_BxT > dual_clip) & (adv_Bx1 < 0)
+            factor_BxT = jnp.where(dual_BxT, dual_clip, factor_BxT)
+        per_token_BxT = -adv_Bx1 * factor_BxT
+    if is_weights_BxT is not None:
+        is_weights_BxT = jnp.where(valid_BxT, is_weights_BxT.astype(jnp.float32), 0.0)
+        per_token_BxT = per_token_BxT * jax.lax.stop_gradient(is_weights_BxT)
 
     if ref_logp_BxT is None:
         kl_BxT = jnp.zeros_like(per_token_BxT)
@@ -251,3 +299,64 @@ def grpo_loss(
         kl_mean=token_mean(kl_BxT),
     )
     return loss, jax.lax.stop_gradient(aux)
+
+
+# ---------------------------------------------------------------- DAPO reward shaping and sampling
+
+
+def overlong_penalty(lengths_B, max_len, cache_len, *, penalty_factor=1.0):
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max_len - cache_len tokens,
+    then linear down to -penalty_factor at max_len, and -penalty_factor beyond it.
+
+    lengths_B counts completion tokens as the loss mask does (verl counts the response's attention
+    mask, EOS included); max_len is the generation budget (max_new_tokens), cache_len DAPO's L_cache
+    (verl's overlong_buffer.len, NeMo-RL's overlong_buffer_length). Equal to verl's and NeMo-RL's
+    min(-(L - (max_len - cache_len)) / cache_len * penalty_factor, 0) for every L <= max_len; they
+    never see L > max_len, where the paper's (and this) penalty stays at -1 (times the factor).
+    """
+    if not 0 < cache_len <= max_len:
+        raise ValueError(f"cache_len={cache_len}; need 0 < cache_len <= max_len={max_len}")
+    excess_B = jnp.asarray(lengths_B, jnp.float32) - (max_len - cache_len)
+    return -penalty_factor * jnp.clip(excess_B / cache_len, 0.0, 1.0)
+
+
+def informative_groups(rewards_PxG, *, atol=0.0):
+    """DAPO dynamic sampling's filter: True for groups whose rewards are not all equal (max - min >
+    atol); the others get zero advantage and teach nothing.
+
+    verl (filter_groups, std > 0) and NeMo-RL (std > 0) filter the same way; max == min is exact
+    where a float std of equal rewards can come out as rounding noise. Unlike verl, a group of one
+    is dropped: its r1jax advantage is 0. Filter on the task reward (verl's DAPO recipe uses
+    filter_groups.metric=acc; NeMo-RL the reward before overlong shaping), not the length-shaped
+    total, or a length penalty alone would make a group look informative.
+    """
+    rewards_PxG = jnp.asarray(rewards_PxG, jnp.float32)
+    if rewards_PxG.ndim != 2:
+        raise ValueError(f"rewards of shape {rewards_PxG.shape}; expected (P, G)")
+    return rewards_PxG.max(axis=1) - rewards_PxG.min(axis=1) > atol
+
+
+def _concat(a, b):
+    # The array's own namespace: host (NumPy) rollouts stay on the host, jax arrays stay jax.
+    return a.__array_namespace__().concat([a, b])
+
+
+def fill_batch(kept, new, target, *, group_size=1):
+    """One round of DAPO dynamic sampling: append new's groups to kept, cut at target groups.
+
+    kept (None at first) and new are pytrees of arrays (NumPy or jax) whose leading axis holds
+    whole groups of group_size contiguous rows: a generation batch's informative rows, e.g.
+    jax.tree.map(lambda x: x[jnp.repeat(keep_P, G)], rollout_rows). Returns (batch, overflow):
+    batch holds the first target groups (earlier rounds first) and is full once its leading size is
+    target * group_size; overflow holds the rest. verl (batch[:train_batch_size * n]) and NeMo-RL
+    discard the overflow rather than carry it to the next step: so should the caller (NeMo-RL logs
+    its size as dynamic_sampling_num_discarded_valid_samples). Generating until full, with a cap on
+    rounds (verl's max_num_gen_batches), is the caller's loop.
+    """
+    joined = new if kept is None else jax.tree.map(_concat, kept, new)
+    sizes = {len(x) for x in jax.tree.leaves(joined)}
+    if len(sizes) > 1 or group_size < 1 or any(n % group_size for n in sizes):
+        raise ValueError(f"leading sizes {sorted(sizes)} are not one whole number of groups of "
+                         f"{group_size}")
+    rows = target * group_size
+    return jax.tree.map(lambda x: x[:rows], joined), jax.tree.map(lambda x: x[rows:], joined)

@@ -1,4 +1,5 @@
-"""Tests for r1jax.grpo: hand-worked values, PPO clip gradients, accumulation, a NumPy reference."""
+"""Tests for r1jax.grpo: hand-worked values, PPO and CISPO gradients, accumulation, a NumPy
+reference, DAPO's overlong penalty and dynamic-sampling helpers."""
 import math
 
 import jax
@@ -25,7 +26,7 @@ LN = math.log
 # loss jit-able with every option. Hypothesis tests run eagerly on one fixed (B, T) = (4, 5) shape
 # and vary rows and lengths through the mask: XLA's per-op cache then makes each example cheap.
 STATIC = ("clip_low", "clip_high", "kl_coef", "kl_kind", "aggregation", "max_len", "dual_clip",
-          "importance")
+          "importance", "loss_type")
 loss_jit = jax.jit(grpo.grpo_loss, static_argnames=STATIC)
 loss_and_grad_jit = jax.jit(jax.value_and_grad(grpo.grpo_loss, has_aux=True),
                             static_argnames=STATIC)
@@ -53,7 +54,7 @@ def np_group_advantages(rewards, group_size, scale, eps):
 
 
 def np_grpo_loss(logp, old, ref, adv, mask, *, clip_low, clip_high, kl_coef, kl_kind,
-                 aggregation, max_len, dual_clip, importance):
+                 aggregation, max_len, dual_clip, importance, loss_type):
     """Textbook PPO/GRPO, row by row, over the valid tokens only; empty rows are skipped."""
     rows = []
     for i in range(mask.shape[0]):
@@ -66,7 +67,10 @@ def np_grpo_loss(logp, old, ref, adv, mask, *, clip_low, clip_high, kl_coef, kl_
             log_r = np.full_like(log_r, log_r.mean())
         r = np.exp(np.clip(log_r, -20, 20))
         a = float(adv[i])
-        losses = -np.minimum(r * a, np.clip(r, 1 - clip_low, 1 + clip_high) * a)
+        if loss_type == "cispo":  # the clipped IS weight times A times logp (its value, not grad)
+            losses = -np.clip(r, 1 - clip_low, 1 + clip_high) * a * lp
+        else:
+            losses = -np.minimum(r * a, np.clip(r, 1 - clip_low, 1 + clip_high) * a)
         if dual_clip is not None and a < 0:
             losses = np.minimum(losses, -dual_clip * a)
         if ref is not None:
@@ -315,6 +319,110 @@ def test_dual_clip_gradient():
     close(grad[1, 0], 1.0 * 2.0 / 2)
 
 
+# ---------------------------------------------------------------- CISPO and IS weights
+
+# 1x3, logp = [-1, -2, -3], ratios [1.5, 1.0, 0.5] (old = logp - log ratio), clip 0.2 / 0.28:
+# IS weights clip(r, 0.8, 1.28) = [1.28, 1.0, 0.8], whatever A's sign.
+CISPO_LOGP = [[-1.0, -2.0, -3.0]]
+CISPO_RATIO = [[1.5, 1.0, 0.5]]
+
+
+def cispo_inputs():
+    logp = jnp.array(CISPO_LOGP)
+    return logp, logp - jnp.log(jnp.array(CISPO_RATIO))
+
+
+# Normaliser N by aggregation for one row of 3 valid tokens: the token count, or (one row) its
+# token mean, or Dr. GRPO's max_len = 5.
+CISPO_N = {"token_mean": 3, "seq_mean_token_mean": 3, "seq_mean_token_sum_norm": 5}
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_cispo_hand_values_and_gradients(aggregation):
+    logp, old = cispo_inputs()
+    n = CISPO_N[aggregation]
+    opts = dict(clip_low=0.2, clip_high=0.28, aggregation=aggregation, max_len=5)
+    # A = +2: -w * A * logp = [1.28 * 2 * 1, 1 * 2 * 2, 0.8 * 2 * 3] = [2.56, 4.0, 4.8], sum 11.36.
+    # d/dlogp = -w * A / N = [-2.56, -2.0, -1.6] / N: the two clipped tokens keep -clip * A / N.
+    (loss, aux), grad = loss_and_grad_jit(logp, old, None, jnp.array([2.0]), jnp.ones((1, 3)),
+                                          loss_type="cispo", **opts)
+    close(loss, 11.36 / n)
+    close(grad, [[-2.56 / n, -2.0 / n, -1.6 / n]])
+    # The IS weight was clipped above on token 0 and below on token 2, though A > 0.
+    close([aux.clip_high_frac, aux.clip_low_frac, aux.dual_clip_frac], [1 / 3, 1 / 3, 0.0])
+    close([aux.ratio_mean, aux.log_ratio_mean], [1.0, LN(0.75) / 3])
+    # PPO on the same tokens: token 0 (r 1.5 > 1.28, A > 0) gets exactly no gradient; token 2
+    # (r 0.5, A > 0) is not clipped by PPO: -A * r / N = -1 / N; loss -A * [1.28, 1, 0.5] / N.
+    (ppo_loss, ppo_aux), ppo_grad = loss_and_grad_jit(
+        logp, old, None, jnp.array([2.0]), jnp.ones((1, 3)), loss_type="ppo", **opts)
+    close(ppo_loss, -5.56 / n)
+    close(ppo_grad, [[0.0, -2.0 / n, -1.0 / n]])
+    close([ppo_aux.clip_high_frac, ppo_aux.clip_low_frac], [1 / 3, 0.0])
+    # A = -1: -w * A * logp = w * logp = [-1.28, -2.0, -2.4], sum -5.68; d/dlogp = w / N.
+    (loss, aux), grad = loss_and_grad_jit(logp, old, None, jnp.array([-1.0]), jnp.ones((1, 3)),
+                                          loss_type="cispo", **opts)
+    close(loss, -5.68 / n)
+    close(grad, [[1.28 / n, 1.0 / n, 0.8 / n]])
+    close([aux.clip_high_frac, aux.clip_low_frac], [1 / 3, 1 / 3])
+
+
+def test_cispo_kl_term_adds_as_for_ppo():
+    # k1 KL = logp - ref = [0.5, 0, -1] with coef 0.1, token mean: loss += 0.1 * -0.5 / 3, so
+    # 11.36 / 3 - 0.01666667 = 3.77; d k1 / d logp = 1, so each gradient gains 0.1 / 3:
+    # [-2.56 / 3 + 0.1 / 3, -2 / 3 + 0.1 / 3, -1.6 / 3 + 0.1 / 3] = [-0.82, -0.63333333, -0.5].
+    logp, old = cispo_inputs()
+    ref = logp - jnp.array([[0.5, 0.0, -1.0]])
+    (loss, aux), grad = loss_and_grad_jit(logp, old, ref, jnp.array([2.0]), jnp.ones((1, 3)),
+                                          clip_low=0.2, clip_high=0.28, kl_coef=0.1,
+                                          kl_kind="k1", aggregation="token_mean",
+                                          loss_type="cispo")
+    close(loss, 3.77)
+    close(grad, [[-0.82, -0.63333333, -0.5]])
+    close(aux.kl_mean, -0.5 / 3)
+
+
+def test_cispo_trl_mapping_upper_cap_only():
+    # TRL's loss_type="cispo" with epsilon_high=5 is clamp(r, max=5): clip_low=1 (lower bound 0),
+    # clip_high=4. Ratios [6, 0.01, 2], logp -1, A = 1: weights [5, 0.01, 2]; -w * A * logp = w,
+    # token mean 7.01 / 3 = 2.33666667; d/dlogp = -w / 3.
+    logp = jnp.full((1, 3), -1.0)
+    old = logp - jnp.log(jnp.array([[6.0, 0.01, 2.0]]))
+    (loss, aux), grad = loss_and_grad_jit(logp, old, None, jnp.ones(1), jnp.ones((1, 3)),
+                                          clip_low=1.0, clip_high=4.0, aggregation="token_mean",
+                                          loss_type="cispo")
+    close(loss, 2.33666667)
+    close(grad, [[-5 / 3, -0.01 / 3, -2 / 3]])
+    close([aux.clip_high_frac, aux.clip_low_frac], [1 / 3, 0.0])
+
+
+def test_is_weights_scale_the_surrogate_not_the_kl():
+    # Ratio 1, A = 1, weights [0.5, 2, (masked: NaN)], k1 KL 1 per token with coef 0.1:
+    # per token -A * w + 0.1 * 1 = [-0.4, -1.9]; token mean -1.15. d/dlogp = -A * w / 2 + 0.1 / 2
+    # = [-0.2, -0.95] (the weights carry no gradient), 0 on the masked token.
+    logp = jnp.full((1, 3), -1.0)
+    mask = jnp.array([[1, 1, 0]])
+    weights = jnp.array([[0.5, 2.0, jnp.nan]])
+    (loss, _), grad = loss_and_grad_jit(logp, logp, logp - 1.0, jnp.ones(1), mask, kl_coef=0.1,
+                                        kl_kind="k1", aggregation="token_mean",
+                                        is_weights_BxT=weights)
+    close(loss, -1.15)
+    close(grad, [[-0.2, -0.95, 0.0]])
+
+
+def test_tis_weights_hand_values():
+    # old - sampler = [ln 2, -ln 2, ln 10, junk (masked)], cap 3: [2, 0.5, min(10, 3) = 3, 0].
+    old = jnp.array([[-1.0, -1.0, -1.0, -jnp.inf]])
+    sampler = jnp.array([[-1 - LN(2), -1 + LN(2), -1 - LN(10), -jnp.inf]])
+    mask = jnp.array([[1, 1, 1, 0]])
+    close(grpo.tis_weights(old, sampler, 3.0, mask_BxT=mask), [[2.0, 0.5, 3.0, 0.0]])
+    close(grpo.tis_weights(old[:, :3], sampler[:, :3], 1.0), [[1.0, 0.5, 1.0]])
+    # Stop-gradient: the weights change the measure, not the objective.
+    grad = jax.grad(lambda o: grpo.tis_weights(o, sampler, 3.0, mask_BxT=mask).sum())(old)
+    assert np.all(np.asarray(grad) == 0.0)
+    with pytest.raises(ValueError):
+        grpo.tis_weights(old, sampler, 0.0)
+
+
 # ---------------------------------------------------------------- invariants (hypothesis)
 
 
@@ -367,6 +475,7 @@ def loss_inputs(draw):
     ref = None if kl_coef == 0 and draw(st.booleans()) else logp + matrix(-3, 3)
     adv = draw(float_list(-3, 3, B))
     mask = draw(boolean_matrix())
+    loss_type = draw(st.sampled_from(grpo.LOSS_TYPES))
     options = dict(
         clip_low=0.2,
         clip_high=draw(st.sampled_from([0.2, 0.28])),
@@ -374,8 +483,9 @@ def loss_inputs(draw):
         kl_kind=draw(st.sampled_from(grpo.KL_KINDS)),
         aggregation=draw(st.sampled_from(AGGREGATIONS)),
         max_len=draw(st.sampled_from([T, 8])),
-        dual_clip=draw(st.sampled_from([None, 3.0])),
+        dual_clip=None if loss_type == "cispo" else draw(st.sampled_from([None, 3.0])),
         importance=draw(st.sampled_from(grpo.IMPORTANCE_LEVELS)),
+        loss_type=loss_type,
     )
     return (logp, old, ref, adv, mask), options
 
@@ -416,12 +526,14 @@ def loss_and_grad(logp, old, ref, adv, mask, options, normalizer=None):
     return jax.value_and_grad(loss_fn, has_aux=True)(logp)
 
 
-@pytest.mark.parametrize("importance", grpo.IMPORTANCE_LEVELS)
+@pytest.mark.parametrize("importance, loss_type",
+                         [("token", "ppo"), ("sequence", "ppo"), ("token", "cispo")])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_microbatches_reproduce_full_batch_loss_and_gradient(aggregation, importance):
+def test_microbatches_reproduce_full_batch_loss_and_gradient(aggregation, importance, loss_type):
     inputs = accumulation_inputs(seed=0, batch=2 * B)
     options = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05, kl_kind="k3",
-                   aggregation=aggregation, max_len=8, dual_clip=3.0, importance=importance)
+                   aggregation=aggregation, max_len=8, importance=importance, loss_type=loss_type,
+                   dual_clip=3.0 if loss_type == "ppo" else None)
     (full_loss, full_aux), full_grad = loss_and_grad(*inputs, options)
     # The trainer knows every mask before any forward pass, so it can sum the normaliser up front.
     normalizer = grpo.loss_denominator(inputs[-1], aggregation)
@@ -516,6 +628,9 @@ def test_bfloat16_inputs_give_float32_loss():
     dict(aggregation="seq_mean_token_sum_norm"),  # no max_len
     dict(dual_clip=1.0),
     dict(kl_coef=0.1),  # ref_logp is None
+    dict(loss_type="grpo"),
+    dict(loss_type="cispo", dual_clip=3.0),
+    dict(is_weights_BxT=jnp.ones((2, 2))),  # wrong shape
 ])
 def test_misuse_raises(bad):
     logp, old, _, adv, mask = hand_inputs()
@@ -535,3 +650,66 @@ def test_bad_shapes_and_options_raise():
         grpo.group_advantages(jnp.ones(4), 2, scale="std")
     with pytest.raises(ValueError):
         grpo.kl_penalty(logp, ref, "k5")
+
+
+# ---------------------------------------------------------------- DAPO: overlong penalty, sampling
+
+
+def test_overlong_penalty_hand_values_at_the_boundaries():
+    # max_len 10, cache 4: free up to 6 tokens, then -(L - 6) / 4 up to L = 10, and -1 beyond.
+    lengths = [0, 5, 6, 7, 8, 9, 10, 11, 40]
+    expected = [0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0, -1.0]
+    close(grpo.overlong_penalty(jnp.array(lengths), 10, 4), expected)
+    close(grpo.overlong_penalty(lengths, 10, 4, penalty_factor=0.5), np.multiply(expected, 0.5))
+    # verl's and NeMo-RL's min(-(L - 6) / 4 * factor, 0) agrees wherever L <= max_len.
+    verl = [min(-(n - 6) / 4 * 0.5, 0) for n in lengths[:7]]
+    close(grpo.overlong_penalty(lengths[:7], 10, 4, penalty_factor=0.5), verl)
+    # The whole budget as buffer: -L / 10 from the first token.
+    close(grpo.overlong_penalty([0, 5, 10], 10, 10), [0.0, -0.5, -1.0])
+    for cache_len in (0, 11):
+        with pytest.raises(ValueError):
+            grpo.overlong_penalty(jnp.array(lengths), 10, cache_len)
+
+
+def test_informative_groups_hand_values():
+    # Rows: mixed; all 1; all 0; 0.1 three times (max == min exactly, no std rounding noise);
+    # a 1e-5 spread, informative at atol 0, not at atol 1e-3.
+    rewards_PxG = jnp.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.1, 0.1, 0.1],
+                             [0.5, 0.5, 0.50001]])
+    assert np.asarray(grpo.informative_groups(rewards_PxG)).tolist() == [
+        True, False, False, False, True]
+    assert np.asarray(grpo.informative_groups(rewards_PxG, atol=1e-3)).tolist() == [
+        True, False, False, False, False]
+    # A group of one has zero advantage in r1jax: dropped (verl would keep it).
+    assert not np.any(np.asarray(grpo.informative_groups(jnp.array([[1.0], [0.0]]))))
+    with pytest.raises(ValueError):
+        grpo.informative_groups(jnp.ones(4))
+
+
+def test_fill_batch_accumulates_then_truncates_like_verl():
+    # G = 2, target 3 prompts (6 rows). Round 1: groups a, b, c with b uninformative -> keep a, c
+    # (4 rows), not full. Round 2: groups d, e, f with f uninformative -> keep d, e; the batch
+    # takes a, c, d (first come first) and e is overflow, which verl and NeMo-RL discard.
+    G = 2
+
+    def round_rows(names, keep_P):
+        rows = {"id": np.repeat(np.array(names), G), "reward": np.arange(len(names) * G) * 1.0,
+                "adv": jnp.arange(len(names) * G, dtype=jnp.float32)}
+        keep_B = jnp.repeat(jnp.asarray(keep_P), G)
+        return jax.tree.map(lambda x: x[keep_B], rows)
+
+    batch, overflow = grpo.fill_batch(None, round_rows(["a", "b", "c"], [True, False, True]), 3,
+                                      group_size=G)
+    assert batch["id"].tolist() == ["a", "a", "c", "c"]
+    assert len(overflow["id"]) == 0
+    batch, overflow = grpo.fill_batch(batch, round_rows(["d", "e", "f"], [True, True, False]), 3,
+                                      group_size=G)
+    assert batch["id"].tolist() == ["a", "a", "c", "c", "d", "d"]  # full: 3 * G rows
+    assert batch["reward"].tolist() == [0.0, 1.0, 4.0, 5.0, 0.0, 1.0]
+    close(batch["adv"], [0.0, 1.0, 4.0, 5.0, 0.0, 1.0])
+    assert overflow["id"].tolist() == ["e", "e"]
+    assert isinstance(batch["reward"], np.ndarray) and isinstance(batch["adv"], jax.Array)
+    with pytest.raises(ValueError):  # a split group
+        grpo.fill_batch(None, {"x": np.arange(3)}, 1, group_size=2)
+    with pytest.raises(ValueError):  # leaves of different lengths
+        grpo.fill_batch(None, {"x": np.arange(2), "y": np.arange(4)}, 1, group_size=2)
