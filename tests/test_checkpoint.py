@@ -1,6 +1,11 @@
-"""Checkpointer round trips on a (2,2,2) mesh of fake CPU devices, and the SIGTERM flag."""
+"""Checkpointer round trips on a (2,2,2) mesh of fake CPU devices, damaged checkpoints, failed saves, SIGTERM."""
+import builtins
+import errno
+import glob
 import os
 import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from r1jax.checkpoint import Checkpointer, graceful_sigterm
+from r1jax.checkpoint import CheckpointError, Checkpointer, graceful_sigterm
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +201,224 @@ def test_uncommitted_leaves_come_back_uncommitted(tmp_path, mesh):
     ckpt.close()
 
 
+def orbax_leftovers(test):
+    # Orbax leaves coroutines of a failed read or write to be collected after their event loop closed.
+    test = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")(test)
+    return pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")(test)
+
+
+def _big_state(mesh, seed=0):
+    # OCDBT inlines values under 1 KiB into its b-tree nodes; this one gets a data file of its own.
+    big = jax.random.normal(jax.random.key(seed + 100), (64, 64), jnp.float32)
+    return dict(_sharded_state(mesh, seed), big=jax.device_put(big, NamedSharding(mesh, P("fsdp", "tensor"))))
+
+
+def _damage(step_dir: str, how: str) -> None:
+    if how == "extras_deleted":
+        os.remove(os.path.join(step_dir, "extras", "metadata"))  # JsonSave's one file
+        return
+    # OCDBT keeps chunks in state/ocdbt.process_<i>/d/ (b-tree nodes in state/d/); the largest holds `big`.
+    data = max(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
+    if how == "array_truncated":
+        os.truncate(data, os.path.getsize(data) // 2)
+    else:
+        os.remove(data)
+
+
+@orbax_leftovers
+@pytest.mark.parametrize("how", ["array_truncated", "array_deleted", "extras_deleted"])
+def test_restore_latest_falls_back_past_a_damaged_newest_checkpoint(tmp_path, mesh, capsys, how):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, _big_state(mesh, seed=step), {"step": step})
+    ckpt.close()
+    _damage(str(tmp_path / "2"), how)
+    abstract = _abstract(_big_state(mesh))
+    again = Checkpointer(str(tmp_path), async_save=False)
+    with pytest.raises(Exception):
+        again.restore(None, abstract)  # restore stays strict; only restore_latest falls back
+    capsys.readouterr()
+    state, extras = again.restore_latest(abstract)
+    _assert_same(_big_state(mesh, seed=1), state)
+    assert extras == {"step": 1}
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"[r1jax] checkpoint step 2 in {tmp_path} is unreadable (")
+    assert lines[0].endswith("); falling back to the previous one")
+    # The damaged step is kept aside for a post-mortem, out of orbax's list.
+    assert again.all_steps() == [1] and (tmp_path / "corrupt-2").is_dir()
+    assert again.save(2, _big_state(mesh, seed=5), {"step": 2})
+    state, extras = again.restore(None, abstract)
+    _assert_same(_big_state(mesh, seed=5), state)
+    assert extras == {"step": 2} and again.all_steps() == [1, 2]
+    again.close()
+
+
+@orbax_leftovers
+def test_restore_latest_none_when_no_checkpoint_is_readable(tmp_path, mesh, capsys):
+    abstract = _abstract(_big_state(mesh))
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    assert ckpt.restore_latest(abstract) is None
+    ckpt.save(3, _big_state(mesh), {"step": 3})
+    _damage(str(tmp_path / "3"), "array_truncated")
+    assert ckpt.restore_latest(abstract) is None
+    assert "checkpoint step 3" in capsys.readouterr().out
+    assert ckpt.latest_step() is None and (tmp_path / "corrupt-3").is_dir()
+    assert ckpt.save(1, _big_state(mesh), {"step": 1})  # starting from scratch is not "steps must grow"
+    ckpt.close()
+
+
+def test_restore_latest_raises_on_another_tree_and_moves_nothing(tmp_path, mesh):
+    state = _sharded_state(mesh)
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, state, {})
+    other = dict(_abstract(state), extra=jax.ShapeDtypeStruct((2,), jnp.float32, sharding=state["step"].sharding))
+    with pytest.raises(ValueError, match="do not match"):
+        ckpt.restore_latest(other)
+    assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
+    restored, _ = ckpt.restore_latest(_abstract(state))
+    _assert_same(state, restored)
+    ckpt.close()
+
+
+def _refuse_under(root: str, code: int):
+    def refuse(path):
+        if str(path).startswith(str(root)):
+            raise OSError(code, os.strerror(code), str(path))
+    return refuse
+
+
+_MESSAGES = {errno.ENOSPC: r"OSError: \[Errno 28\] No space left on device",
+             errno.EROFS: r"OSError: \[Errno 30\] Read-only file system"}
+
+
+@pytest.fixture(params=[errno.ENOSPC, errno.EROFS], ids=["disk_full", "read_only"])
+def broken_disk(request, monkeypatch):
+    """Returns `break_(root)`: from then on files under `root` cannot be written, like on a full or read-only disk.
+
+    Orbax writes its JSON and metadata files through Python's open, in its background threads;
+    the arrays go through tensorstore, which fails the same way on a real full disk
+    (RESOURCE_EXHAUSTED ... No space left on device) and is reported alike.
+    """
+    real_open = builtins.open
+
+    def break_(root) -> None:
+        refuse = _refuse_under(root, request.param)
+
+        def open_(file, mode="r", *args, **kwargs):
+            if any(m in mode for m in "wax+"):
+                refuse(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_)
+
+    break_.message = _MESSAGES[request.param]
+    break_.undo = monkeypatch.undo
+    return break_
+
+
+def _until_raised(check, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        check()
+        time.sleep(0.01)
+
+
+def _assert_no_threads_left(before: set) -> None:
+    # A writer left waiting (orbax's 300 s signal timeout) would hold the process at exit.
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=5)
+        assert not thread.is_alive() or thread.daemon, f"thread {thread.name} of the failed save is still running"
+
+
+def _failed(step, good, broken_disk, directory):
+    return (f"^checkpoint save of step {step} to {directory} failed: {broken_disk.message}.*; "
+            f"the last good checkpoint is step {good}$")
+
+
+@orbax_leftovers
+def test_failed_background_save_raises_from_raise_if_failed(tmp_path, mesh, broken_disk):
+    before = set(threading.enumerate())
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    ckpt.save(1, _sharded_state(mesh, seed=1), {"step": 1})
+    ckpt.wait()
+    broken_disk(tmp_path)
+    assert ckpt.save(2, _sharded_state(mesh, seed=2), {"step": 2})  # the write fails in orbax's background thread
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=_failed(2, 1, broken_disk, tmp_path)):
+        _until_raised(ckpt.raise_if_failed)
+    assert time.monotonic() - start < 10
+    ckpt.raise_if_failed()  # raised once; the loop has stopped by now
+    ckpt.wait()
+    # keep=1 must not have dropped step 1 for a step 2 that never landed.
+    assert ckpt.all_steps() == [1]
+    restored, extras = ckpt.restore(None, _abstract(_sharded_state(mesh)))
+    _assert_same(_sharded_state(mesh, seed=1), restored)
+    assert extras == {"step": 1}
+    broken_disk.undo()  # space freed: the same step saves fine
+    assert ckpt.save(2, _sharded_state(mesh, seed=2), {"step": 2})
+    ckpt.close()
+    _assert_no_threads_left(before)
+    again = Checkpointer(str(tmp_path), keep=1)
+    assert again.all_steps() == [2] and sorted(os.listdir(tmp_path)) == ["2"]  # no tmp dir left over
+    _assert_same(_sharded_state(mesh, seed=2), again.restore(None, _abstract(_sharded_state(mesh)))[0])
+    again.close()
+
+
+@orbax_leftovers
+@pytest.mark.parametrize("observer", ["wait", "close", "next_save"])
+def test_failed_background_save_raises_from_wait_close_and_next_save(tmp_path, mesh, broken_disk, observer):
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, _sharded_state(mesh, seed=1), {"step": 1})
+    ckpt.wait()
+    broken_disk(tmp_path)
+    ckpt.save(2, _sharded_state(mesh, seed=2), {"step": 2})
+    with pytest.raises(CheckpointError, match=_failed(2, 1, broken_disk, tmp_path)):
+        if observer == "wait":
+            ckpt.wait()
+        elif observer == "close":
+            ckpt.close()
+        else:
+            ckpt.save(3, _sharded_state(mesh, seed=3), {"step": 3})
+    assert ckpt.all_steps() == [1]
+    if observer != "close":
+        ckpt.close()
+    with Checkpointer(str(tmp_path)) as again:
+        assert again.all_steps() == [1]
+
+
+@orbax_leftovers
+def test_save_raises_at_once_when_the_step_directory_cannot_be_made(tmp_path, mesh, monkeypatch):
+    before = set(threading.enumerate())
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, _sharded_state(mesh, seed=1), {"step": 1})
+    ckpt.wait()
+    refuse, real_mkdir = _refuse_under(tmp_path, errno.EROFS), os.mkdir
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: refuse(path) or real_mkdir(path, *a, **k))
+    start = time.monotonic()
+    failed = (f"^checkpoint save of step 2 to {tmp_path} failed: {_MESSAGES[errno.EROFS]}: '{tmp_path}/2.*'; "
+              "the last good checkpoint is step 1$")
+    with pytest.raises(CheckpointError, match=failed):
+        ckpt.save(2, _sharded_state(mesh, seed=2), {"step": 2})
+    assert time.monotonic() - start < 10
+    ckpt.raise_if_failed()
+    ckpt.close()
+    _assert_no_threads_left(before)
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+def test_failed_synchronous_save_raises_from_save(tmp_path, mesh, broken_disk):
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, _sharded_state(mesh, seed=1), {"step": 1})
+    broken_disk(tmp_path)
+    with pytest.raises(CheckpointError, match=_failed(2, 1, broken_disk, tmp_path)):
+        ckpt.save(2, _sharded_state(mesh, seed=2), {"step": 2})
+    ckpt.raise_if_failed()
+    ckpt.wait()
+    assert ckpt.all_steps() == [1]
+    ckpt.close()
+
+
 def test_sigterm_sets_flag_and_restores_previous_handler():
     calls = []
     previous = signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
@@ -250,7 +473,29 @@ def _multiprocess_worker(process_id: int, port: int, directory: str) -> None:
         if process_id == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         assert stop.stop_everywhere()  # process 0 got no signal but must stop with process 1
+    # Only process 0 (which alone writes the JSON and metadata files) cannot write: orbax would
+    # leave process 1 at its write barrier for 20 minutes. Both must stop at once, step 3 kept.
+    real_open = builtins.open
+
+    def full(file, mode="r", *args, **kwargs):
+        if str(file).startswith(directory) and any(m in mode for m in "wax+"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    if process_id == 0:
+        builtins.open = full
+    ckpt.save(4, make(4), {"step": 4})
+    start = time.monotonic()
+    try:
+        _until_raised(ckpt.raise_if_failed)
+        raise AssertionError("the failed save was not reported")
+    except CheckpointError as e:
+        print(f"process {process_id}: {e}")
+        assert str(e).startswith("checkpoint save of step 4 ") and "the last good checkpoint is step 3" in str(e), e
+    assert time.monotonic() - start < 10
+    builtins.open = real_open
     ckpt.close()
+    assert Checkpointer(directory, keep=2).all_steps() == [2, 3]
     print("worker ok")
 
 
