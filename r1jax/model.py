@@ -288,11 +288,22 @@ class Transformer(nnx.Module):
         h_BxTxD, cache = self.hidden(tokens_BxT, positions_BxT, mask_BxT, cache)
         return self.logits(h_BxTxD), cache
 
-    def hidden(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None):
-        """Final-normed hidden states; `mask_BxT` is False on padding tokens."""
+    def hidden(self, tokens_BxT, positions_BxT=None, mask_BxT=None, cache: KVCache | None = None,
+               segment_ids_BxT=None):
+        """Final-normed hidden states; `mask_BxT` is False on padding tokens.
+
+        `segment_ids_BxT` (packed rows, r1jax.packing; no cache): 0 on padding, 1..n for the
+        examples of a row. A token attends only to earlier tokens of its own example; positions
+        default to restarting at 0 where each example begins.
+        """
         cfg = self.cfg
         dt = cfg.compute_dtype
         B, T = tokens_BxT.shape
+        if segment_ids_BxT is not None:
+            if cache is not None:
+                raise ValueError("segment_ids_BxT is for packed training rows and cannot be used with a KV cache")
+            mask_BxT = segment_ids_BxT > 0 if mask_BxT is None else mask_BxT
+            positions_BxT = positions_from_segments(segment_ids_BxT) if positions_BxT is None else positions_BxT
         if mask_BxT is None:
             mask_BxT = jnp.ones((B, T), bool)
         x_BxTxD = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(dt)
@@ -316,6 +327,9 @@ class Transformer(nnx.Module):
 
         causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
         attn_mask_BxTxS = causal_TxS[None] & kv_mask_BxS[:, None, :]
+        if segment_ids_BxT is not None:
+            seg_q_BxTx1, seg_k_Bx1xS = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
+            attn_mask_BxTxS &= (seg_q_BxTx1 == seg_k_Bx1xS) & (seg_q_BxTx1 > 0)
 
         def block(carry, layer):
             # The whole cache rides in the carry and takes a one-token in-place write per
@@ -429,3 +443,12 @@ def create_model(
 def positions_from_mask(mask_BxT):
     """Per-row positions for left-padded rows: 0 at each row's first real token."""
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids_BxT):
+    """Positions in packed rows: 0 where each segment (example) begins, then 1, 2, ...; 0 on padding."""
+    t_T = jnp.arange(segment_ids_BxT.shape[1])
+    starts_BxT = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                                  segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    first_BxT = jax.lax.cummax(jnp.where(starts_BxT, t_T, 0), axis=1)
+    return jnp.where(segment_ids_BxT > 0, t_T - first_BxT, 0)

@@ -39,7 +39,10 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Cached: the transformation is a static field of TrainState, so the same settings must give the
+    same object, or every stage (and every resume in one process) would compile its steps again."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
@@ -122,6 +125,23 @@ class RLHyper:
     importance: str = "token"
     temperature: float = 1.0
     logprob_chunk: int = 256
+    dual_clip: float | None = None
+    log_ratio_clamp: float = grpo.LOG_RATIO_CLAMP
+
+
+def apply_if_finite(state: TrainState, grads, loss, grad_norm) -> tuple[TrainState, jax.Array]:
+    """One optimizer step, or none when the loss or the gradient is not finite.
+
+    A skipped step leaves params, optimizer moments and the step count as they were, so a
+    single bad batch (an overflow, a NaN reward that slipped through) costs one update, not
+    the run; the caller counts skips and stops after too many in a row.
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    return state.replace(step=state.step + finite.astype(state.step.dtype), params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state)), finite
 
 
 def _split(x, n):
@@ -149,7 +169,7 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
             logp_BxT, mb.old_logp_BxT, mb.ref_logp_BxT, mb.adv_B, mb.completion_mask_BxT,
             clip_low=hp.clip_low, clip_high=hp.clip_high, kl_coef=hp.kl_coef, kl_kind=hp.kl_kind,
             aggregation=hp.aggregation, max_len=hp.max_len, importance=hp.importance,
-            normalizer=normalizer)
+            dual_clip=hp.dual_clip, log_ratio_clamp=hp.log_ratio_clamp, normalizer=normalizer)
         mask = mb.completion_mask_BxT
         gap_BxT = jnp.where(mask, jnp.abs(logp_BxT - mb.old_logp_BxT), 0.0)
         stats = {
@@ -172,12 +192,12 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, (losses, auxes, stats) = jax.lax.scan(micro_step, zeros, micro)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        loss, grad_norm = jnp.sum(losses), optax.tree.norm(grads)
+        new_state, finite = apply_if_finite(state, grads, loss, grad_norm)
         metrics = {
-            "loss": jnp.sum(losses),
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "nonfinite_updates": (~finite).astype(jnp.int32),
             # Token means of the parts, weighted by their token counts: the minibatch's exact means.
             **{name: jnp.sum(getattr(auxes, field) * auxes.valid_tokens) / jnp.maximum(jnp.sum(auxes.valid_tokens), 1)
                for name, field in (("clip_low_frac", "clip_low_frac"), ("clip_high_frac", "clip_high_frac"),
@@ -194,7 +214,9 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
     state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, hp.mu))
     # metrics: [mu, minibatches]. The sampler/trainer gap is read before any update.
     first = jax.tree.map(lambda x: x[0, 0], metrics)
-    out = {k: jnp.mean(v) for k, v in metrics.items() if k not in ("entropy_sum", "gap_sum", "gap_max", "tokens")}
+    out = {k: jnp.mean(v) for k, v in metrics.items()
+           if k not in ("entropy_sum", "gap_sum", "gap_max", "tokens", "nonfinite_updates")}
+    out["nonfinite_updates"] = jnp.sum(metrics["nonfinite_updates"])
     out["kl"] = first["kl"] if hp.kl_coef else out["kl"]
     tokens = jnp.maximum(first["tokens"], 1)
     out.update(entropy=first["entropy_sum"] / tokens, logp_gap_mean=first["gap_sum"] / tokens,
@@ -221,23 +243,62 @@ class SFTBatch:
     # The loss is sum(token losses) / normalizer: the dataset's mean trained tokens per row
     # times B, not this batch's count, so every token weighs the same in expectation even
     # when batches are grouped by length (a per-batch mean would overweight short rows).
-    normalizer: jax.Array
+    # None: this batch's own count of trained tokens, what packed batches use (their rows
+    # hold about the same number of tokens each).
+    normalizer: jax.Array | None = None
+    # Packed rows (r1jax.packing): 0 on padding, 1..n for a row's examples, each attending only
+    # to itself; positions restart at each example (derived from the segment ids when None).
+    segment_ids_BxS: jax.Array | None = None
+    positions_BxS: jax.Array | None = None
 
 
-@functools.partial(jax.jit, donate_argnames="state", static_argnames="chunk")
-def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256):
-    """One optimizer step of next-token cross-entropy over the trained tokens."""
+@functools.partial(jax.jit, donate_argnames="state", static_argnames=("chunk", "microbatches"))
+def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256, microbatches: int = 1):
+    """One optimizer step of next-token cross-entropy over the trained tokens.
 
-    def loss_fn(params):
+    With `microbatches` > 1 the gradient is accumulated over that many parts of the batch
+    (part j holds rows j, j + n, j + 2n, ..., so each device keeps its own rows), each part's
+    loss divided by the whole batch's normalizer: the sum equals the one-pass loss and gradient.
+    """
+    B = batch.tokens_BxS.shape[0]
+    if B % microbatches:
+        raise ValueError(f"batch of {B} rows does not split into {microbatches} microbatches")
+
+    def weight(b):  # targets tokens[:, 1:]; a packed example's first token is never predicted
+        w_BxS = b.loss_mask_BxS[:, 1:]
+        if b.segment_ids_BxS is not None:
+            w_BxS = w_BxS & (b.segment_ids_BxS[:, 1:] == b.segment_ids_BxS[:, :-1])
+        return w_BxS
+
+    normalizer = batch.normalizer
+    if normalizer is None:
+        normalizer = jnp.maximum(jnp.sum(weight(batch)), 1).astype(jnp.float32)
+
+    def loss_fn(params, b):
         model = nnx.merge(state.graphdef, params)
-        inputs, mask = batch.tokens_BxS[:, :-1], batch.mask_BxS[:, :-1]
-        h_BxSxD, _ = model.hidden(inputs, positions_from_mask(mask), mask)
-        logp_BxS, _ = chunked_logprobs(h_BxSxD, model.head_weight_DxV(), batch.tokens_BxS[:, 1:], chunk=chunk)
-        weight = batch.loss_mask_BxS[:, 1:]
-        return -jnp.sum(jnp.where(weight, logp_BxS, 0.0)) / batch.normalizer
+        inputs, mask = b.tokens_BxS[:, :-1], b.mask_BxS[:, :-1]
+        if b.segment_ids_BxS is None:
+            segments, positions = None, positions_from_mask(mask)
+        else:  # without positions, hidden() restarts them at each segment
+            segments = b.segment_ids_BxS[:, :-1]
+            positions = None if b.positions_BxS is None else b.positions_BxS[:, :-1]
+        h_BxSxD, _ = model.hidden(inputs, positions, mask, segment_ids_BxT=segments)
+        logp_BxS, _ = chunked_logprobs(h_BxSxD, model.head_weight_DxV(), b.tokens_BxS[:, 1:], chunk=chunk)
+        return -jnp.sum(jnp.where(weight(b), logp_BxS, 0.0)) / normalizer
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_fn = jax.value_and_grad(loss_fn)
+    if microbatches == 1:
+        loss, grads = grad_fn(state.params, batch)
+    else:
+        strided = lambda x: x.reshape(B // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+        parts = jax.tree.map(strided, batch.replace(normalizer=None))
+
+        def accumulate(carry, part):
+            loss, g = grad_fn(state.params, part)
+            return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], g)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, parts)
+    grad_norm = optax.tree.norm(grads)
+    state, finite = apply_if_finite(state, grads, loss, grad_norm)
+    return state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_updates": (~finite).astype(jnp.int32)}
