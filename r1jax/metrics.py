@@ -55,11 +55,13 @@ def _check_keys(record: dict, required: tuple[str, ...], kind: str) -> None:
                          f"(DESIGN.md's metrics.jsonl contract); it has {sorted(record)}")
 
 
-def _purge(path: str, purge_step: int) -> None:
-    # A resumed run re-logs the steps after its checkpoint; drop the first attempt's copies.
+def _purge(path: str, purge_step: int, stage: str | None = None) -> None:
+    # A resumed run re-logs the steps after its checkpoint; drop the first attempt's copies
+    # (of one stage only, when given: the stages of a recipe share the file).
     if not os.path.exists(path):
         return
-    kept = [r for r in _read_jsonl(path) if r.get("step", -1) < purge_step]
+    kept = [r for r in _read_jsonl(path)
+            if r.get("step", -1) < purge_step or (stage is not None and r.get("stage") != stage)]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -146,6 +148,23 @@ class MetricsLogger:
                 name = k.removeprefix("eval_") if kind == "eval" else k
                 self._tb.add_scalar(f"{stage}/{tb_prefix}{name}", float(v), step)
 
+    def purge(self, stage: str, after_step: int) -> None:
+        """Drop `stage`'s records with step > after_step from metrics.jsonl and samples.jsonl: a stage
+        resuming from its checkpoint at `after_step` re-logs what a killed attempt had logged after it,
+        and the file on disk must hold each step once. (TensorBoard keeps the old points: its purge is
+        per run, not per stage, and would drop the other stages' points too.)"""
+        if not self.enabled:
+            return
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            handle = self._metrics if name == METRICS_FILE else self._samples
+            if handle is not None:
+                handle.close()
+            _purge(os.path.join(self.run_dir, name), after_step + 1, stage)
+            if name == METRICS_FILE:
+                self._metrics = open(os.path.join(self.run_dir, METRICS_FILE), "a", buffering=1)
+            else:
+                self._samples = None  # reopened on the next write
+
     def log_step(self, record: dict) -> None:
         self._write(record, "train", TRAIN_KEYS, "")
 
@@ -198,6 +217,14 @@ def read_metrics(path: str, *, kind: str | None = None, dedupe: bool = True) -> 
     if kind is not None:
         records = [r for r in records if r.get("kind") == kind]
     return records
+
+
+def evaluated_steps(run_dir: str, stage: str) -> set[int]:
+    """Steps at which `stage` logged an evaluation in run_dir/metrics.jsonl."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return set()
+    return {r["step"] for r in _read_jsonl(path) if r.get("kind") == "eval" and r.get("stage") == stage}
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -275,16 +302,23 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_run(metrics_path: str, out_png: str) -> None:
     """reward.png: reward, accuracy, format rate, completion length against step (a line per stage), evals on top."""
-    # Imported here: matplotlib costs a second of startup that runs which never plot should not pay.
-    # Figure + the Agg canvas, not pyplot: no global backend switch, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if os.path.isdir(metrics_path):
         metrics_path = os.path.join(metrics_path, METRICS_FILE)
     records = read_metrics(metrics_path)
     if not records:
         raise ValueError(f"no records in {metrics_path}")
+    fig = run_figure(records, title=os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))  # the run dir
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+
+
+def run_figure(records: list[dict], *, title: str = ""):
+    """The matplotlib Figure behind reward.png."""
+    # Imported here: matplotlib costs a second of startup that runs which never plot should not pay.
+    # Figure + the Agg canvas, not pyplot: no global backend switch, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     stages = list(dict.fromkeys(r["stage"] for r in train))
@@ -303,6 +337,8 @@ def plot_run(metrics_path: str, out_png: str) -> None:
             if steps:
                 ax.plot(steps, values, lw=1.2, label=stage if len(stages) > 1 else "train")
         for eval_key, label, marker in overlays:
+            if eval_key == "eval_maj_accuracy":  # logged as eval_maj<k>_accuracy, k = samples per prompt
+                eval_key = next((k for r in evals for k in r if re.fullmatch(r"eval_maj\d*_accuracy", k)), eval_key)
             steps, values = _series(evals, eval_key)
             if steps:
                 ax.plot(steps, values, marker=marker, ls="--", lw=0.8, ms=5, label=label)
@@ -312,9 +348,8 @@ def plot_run(metrics_path: str, out_png: str) -> None:
             ax.legend(fontsize=8)
     for ax in axes[2:]:
         ax.set_xlabel("step")
-    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))  # the run dir's name
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    fig.suptitle(title)
+    return fig
 
 
 def before_after_table(evals: list[dict]) -> str:

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from r1jax import hf, sharding
 from r1jax.checkpoint import graceful_sigterm
-from r1jax.metrics import MetricsLogger
+from r1jax.metrics import MetricsLogger, evaluated_steps
 from r1jax.model import ModelConfig, Transformer, create_model
 from r1jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -34,6 +34,18 @@ class Context:
     stop: graceful_sigterm
     model_overrides: dict  # dtype / remat settings applied to every loaded model
 
+    def poll(self) -> None:
+        """Raise Preempted when any process got SIGTERM. A collective: long loops (evaluation batches,
+        decode segments, generation) call it at the same points on every process."""
+        if self.stop.stop_everywhere():
+            raise Preempted("stopped by signal; re-run the command to resume")
+
+    def evaluated_steps(self, stage: str) -> set[int]:
+        """Steps of `stage` whose evaluation is in metrics.jsonl, as process 0 reads it (every process
+        must agree on whether to run an evaluation: it is a collective)."""
+        steps = sorted(evaluated_steps(self.run_dir, stage)) if jax.process_index() == 0 else []
+        return set(sharding.allgather_json(steps)[0])
+
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
 
@@ -46,6 +58,10 @@ Stage = Callable[[Context, "Policy | None"], "Policy | None"]
 
 class Preempted(Exception):
     """A stage saved a checkpoint and stopped early (SIGTERM); the run resumes later."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient; the last good checkpoint is kept."""
 
 
 def load_policy(path_or_preset: str, ctx: Context, tokenizer_path: str = "") -> Policy:

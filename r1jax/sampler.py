@@ -10,7 +10,7 @@ returns log_softmax(logits) (temperature 1), so `greedy=True` requires `temperat
 """
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from flax import nnx, struct
 from jax.sharding import AbstractMesh
 
 from r1jax.model import KVCache, ModelConfig, Transformer, positions_from_mask
-from r1jax.sharding import MESH_AXES, SAMPLE_RULES, Rules, logical_to_spec, put_rows
+from r1jax.sharding import MESH_AXES, SAMPLE_RULES, Rules, host_array, logical_to_spec, put_rows
 
 _DTYPES = (None, "float32", "bfloat16")
 _MIN_BUCKET = 16
@@ -251,9 +251,10 @@ def _prefill(graphdef, state, prompt_PxT, prompt_mask_PxT, key, cfg: SamplerConf
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("cache",))
-def _decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig):
-    """Feed the last token, draw the next, until every row finished or max_new_tokens were drawn. The cache is
-    donated (and returned) so the loop updates the caller's buffer in place instead of a copy of it."""
+def _decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig, until):
+    """Feed the last token, draw the next, until every row finished, max_new_tokens were drawn or `step`
+    reached `until` (a traced bound, so decoding in segments reuses one program). The cache is donated (and
+    returned) so the loop updates the caller's buffer in place instead of a copy of it."""
     TRACES["decode"] += 1
     model: Transformer = nnx.merge(graphdef, state)
     B, N = ds.tokens_BxT.shape
@@ -261,7 +262,7 @@ def _decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig
 
     def cond(carry):
         ds, _ = carry
-        return (ds.step + 1 < N) & ~jnp.all(ds.finished_B)
+        return (ds.step + 1 < N) & ~jnp.all(ds.finished_B) & (ds.step < until)
 
     def body(carry):
         ds, cache = carry
@@ -283,8 +284,15 @@ def _decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig
         return ds, cache
 
     ds, cache = jax.lax.while_loop(cond, body, (ds, cache))
+    done = (ds.step + 1 >= N) | jnp.all(ds.finished_B)
+    return ds, cache, done
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _rollout(ds: DecodeState, cfg: SamplerConfig) -> Rollout:
+    N = ds.tokens_BxT.shape[1]
     mask_BxT = jnp.arange(N)[None, :] < ds.lengths_B[:, None]
-    rollout = Rollout(
+    return Rollout(
         prompt_tokens_BxT=ds.prompt_tokens_BxT,
         prompt_mask_BxT=ds.prompt_mask_BxT,
         tokens_BxT=ds.tokens_BxT,
@@ -295,7 +303,6 @@ def _decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig
         truncated_B=~ds.finished_B,
         group_size=cfg.group_size,
     )
-    return rollout, cache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,20 +370,35 @@ def prefill(model: Transformer, prompts, key, cfg: SamplerConfig, prompt_mask_Px
     return graphdef, state, ds, cache
 
 
-def decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig) -> Rollout:
-    rollout, _ = _decode(graphdef, state, ds, cache, cfg)
-    return rollout
+POLL_EVERY = 64  # decode steps between polls: a stop waits at most this many tokens
 
 
-def generate(model: Transformer, prompts, key, cfg: SamplerConfig, prompt_mask_PxT=None) -> Rollout:
-    """G = cfg.group_size completions for each of P prompts.
+def decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig, *,
+           poll: Callable[[], None] | None = None, poll_every: int | None = None) -> Rollout:
+    """Decode to the end. With `poll`, decoding runs in segments of `poll_every` tokens and `poll()` is called
+    between them: a long generation can be abandoned (raise from `poll`, e.g. on SIGTERM) within one segment.
+    The tokens are the same either way (the same loop body, keyed by step)."""
+    N = cfg.max_new_tokens
+    poll_every = poll_every or POLL_EVERY
+    until = N if poll is None else poll_every
+    while True:
+        ds, cache, done = _decode(graphdef, state, ds, cache, cfg, jnp.int32(until))
+        if poll is None or until >= N or bool(host_array(done)):
+            return _rollout(ds, cfg)
+        poll()
+        until += poll_every
+
+
+def generate(model: Transformer, prompts, key, cfg: SamplerConfig, prompt_mask_PxT=None, *,
+             poll: Callable[[], None] | None = None) -> Rollout:
+    """G = cfg.group_size completions for each of P prompts; `poll` as in `decode`.
 
     `prompts`: P token lists of any lengths, or a left-padded int array tokens_PxT with `prompt_mask_PxT`.
     The model enters the compiled programs as (graphdef, state), so calling again with new weights (every RL
     step) reuses them; prompts are padded to a bucket width, so a run compiles one program per bucket used.
     Rows are sharded like the model's activations (its `act_sharding`: SAMPLE_RULES for a sampling model).
     """
-    return decode(*prefill(model, prompts, key, cfg, prompt_mask_PxT), cfg)
+    return decode(*prefill(model, prompts, key, cfg, prompt_mask_PxT), cfg, poll=poll)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from r1jax import sharding, train
 from r1jax.checkpoint import Checkpointer
 from r1jax.metrics import MetricsLogger, Progress
-from r1jax.run import Preempted
+from r1jax.run import NonFiniteError, Preempted
 from r1jax.tokenizer import Tokenizer
 
 
@@ -24,6 +24,12 @@ class SFTConfig:
     optim: train.OptimConfig = train.OptimConfig(lr=1e-5, warmup_steps=50, schedule="cosine")
     log_every: int = 25
     checkpoint_every: int = 200
+    max_nonfinite_steps: int = 10  # updates in a row skipped for a NaN/inf loss or gradient before the run stops
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_len", "log_every", "checkpoint_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_len: int):
@@ -100,16 +106,28 @@ def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name
     state = train.create_train_state(policy.model, train.make_optimizer(cfg.optim, cfg.steps))
     batches = SFTBatches(tokenize_pairs(pairs, policy.tokenizer, cfg.max_len), cfg.batch_size, seed)
     ckpt = Checkpointer(ctx.stage_dir(name) + "/checkpoints", keep=2)
-    start = 0
-    if ckpt.latest_step() is not None:
-        state, extras = ckpt.restore(None, state)
+    start, last_saved = 0, None
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, extras = restored
         batches.set_state(extras["data"])
-        start = extras["step"]
+        start = last_saved = extras["step"]
     logger = MetricsLogger(ctx.stage_dir(name), validate=False, tensorboard=False,
                            enabled=jax.process_index() == 0, purge_step=start + 1)
     progress = Progress(total=cfg.steps, initial=start, desc=name, every=cfg.log_every)
+    nonfinite_run, pending = 0, None
     for step in range(start, cfg.steps):
         state, metrics = train.sft_step(state, to_device_batch(batches.next(), batches.normalizer, mesh))
+        # The previous step's skip flag is read a step late, so dispatch never waits on it.
+        if pending is not None:
+            nonfinite_run = nonfinite_run + 1 if int(pending[1]) else 0
+            if nonfinite_run >= cfg.max_nonfinite_steps:
+                ckpt.wait()
+                raise NonFiniteError(
+                    f"{name}: the last {nonfinite_run} updates had a non-finite loss or gradient and were skipped "
+                    f"(step {pending[0]}); stopping. " + (f"The last good checkpoint, step {last_saved}, is kept in "
+                                                          f"{ckpt.directory}." if last_saved else "No checkpoint was saved."))
+        pending = (step + 1, metrics["nonfinite_updates"])
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             record = {"step": step + 1, "stage": name, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
             logger.log_step(record)
@@ -117,6 +135,8 @@ def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name
         stopping = ctx.stop.stop_everywhere()
         if (step + 1) % cfg.checkpoint_every == 0 or stopping:
             ckpt.save(step + 1, state, {"step": step + 1, "data": batches.get_state()}, force=True)
+            ckpt.raise_if_failed()
+            last_saved = step + 1
         if stopping:
             ckpt.wait()
             raise Preempted(f"{name}: stopped by signal at step {step + 1}; re-run the command to resume")

@@ -6,6 +6,7 @@ tables. A dimension that a rule's mesh axes do not divide evenly is replicated
 instead, so e.g. Qwen2.5-0.5B's 2 kv heads stay whole on a 4-way tensor axis.
 """
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -196,3 +197,17 @@ def host_array(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def allgather_json(value) -> list:
+    """Every process's `value` (any JSON-able object), in process order, on every process."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:size]).decode()) for row, size in zip(rows, sizes)]

@@ -10,19 +10,22 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
+from typing import Literal
 
 import jax
 
 from r1jax import config as config_lib
 from r1jax import sft, toy
-from r1jax.checkpoint import graceful_sigterm
+from r1jax.checkpoint import CheckpointError, graceful_sigterm
 from r1jax.data import read_records
 from r1jax.evaluate import EvalConfig
 from r1jax.metrics import before_after_table, plot_run, read_metrics
 from r1jax.model import ModelConfig, create_model
 from r1jax.rewards import RewardSet, Reward, accuracy_reward, format_reward
 from r1jax.rl import RLConfig, grpo_stage
-from r1jax.run import Context, Policy, Preempted, load_policy, make_context, run_stages, save_policy
+from r1jax.run import (Context, NonFiniteError, Policy, Preempted, load_policy, make_context, run_stages,
+                       save_policy)
 from r1jax.sharding import MeshConfig
 from r1jax.tokenizer import r1_zero_prompt, train_sentencepiece
 from r1jax.train import OptimConfig
@@ -34,7 +37,7 @@ class DataConfig:
     eval: str = ""  # a file; empty: a held-out split of the built-in task
     prompt_field: str = "prompt"
     answer_field: str = "answer"
-    eval_size: int = 256  # prompts evaluated (first N of the eval file)
+    on_error: Literal["raise", "skip"] = "raise"  # a bad record: stop naming file and line, or skip and count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,7 @@ def paper() -> R1ZeroConfig:
     """DeepSeek-R1's published full-scale settings (point `model=` and `data=` at real ones)."""
     return R1ZeroConfig(
         run_dir="runs/r1_zero-paper", model="", dtype="bfloat16", remat="full",
-        data=DataConfig(train="", eval="", eval_size=1024),
+        data=DataConfig(train="", eval=""),
         rl=RLConfig(steps=8000, prompts_per_step=32, group_size=16, optim=OptimConfig(lr=3e-6),
                     kl_coef=0.001, clip_low=10.0, clip_high=10.0, temperature=1.0, ref_reset_every=400,
                     max_prompt_len=1024, max_new_tokens=32768 - 1024, checkpoint_every=50),
@@ -100,18 +103,27 @@ def config(preset: str | None, overrides: list[str]) -> R1ZeroConfig:
     return config_lib.override(PRESETS[preset or "cpu"](), overrides)
 
 
+def _read(path: str, data: DataConfig) -> list[dict]:
+    return read_records(path, prompt_field=data.prompt_field, answer_field=data.answer_field, on_error=data.on_error)
+
+
 def _toy_splits(cfg: R1ZeroConfig) -> tuple[list[dict], list[dict]]:
     task = cfg.base.task
     train = toy.problems(task, cfg.base.corpus_size, seed=cfg.seed)
-    held_out = toy.problems(task, cfg.data.eval_size, seed=cfg.seed + 10_000,
+    held_out = toy.problems(task, cfg.eval.num_prompts, seed=cfg.seed + 10_000,
                             exclude=frozenset(p["prompt"] for p in train))
     return train, held_out
 
 
+def base_cache_key(cfg: R1ZeroConfig) -> str:
+    """What the cached base model depends on: its settings and the seed, not where the cache lives."""
+    what = (dataclasses.replace(cfg.base, cache_dir=""), cfg.seed)
+    return hashlib.sha256(repr(what).encode()).hexdigest()[:12]
+
+
 def toy_base_stage(ctx: Context, policy: Policy | None, *, cfg: R1ZeroConfig, train_problems: list[dict]) -> Policy:
     """Pretrain the small base model on the built-in task's mixed corpus; cached by settings."""
-    key = hashlib.sha256(repr((cfg.base, cfg.seed)).encode()).hexdigest()[:12]
-    cache = os.path.join(cfg.base.cache_dir, f"toy_base-{key}")
+    cache = os.path.join(cfg.base.cache_dir, f"toy_base-{base_cache_key(cfg)}")
     if os.path.exists(os.path.join(cache, "config.json")):
         print(f"[r1jax] toy_base: reusing the cached base model in {cache}")
         return load_policy(cache, ctx)
@@ -143,12 +155,10 @@ def stages(cfg: R1ZeroConfig) -> list:
     else:
         if not cfg.model or not cfg.data.train:
             raise SystemExit("set model=<HF folder> and data=<.jsonl/.parquet> (data.train=...)")
-        train_records = read_records(cfg.data.train, prompt_field=cfg.data.prompt_field,
-                                     answer_field=cfg.data.answer_field)
-        eval_records = read_records(cfg.data.eval, prompt_field=cfg.data.prompt_field,
-                                    answer_field=cfg.data.answer_field) if cfg.data.eval else train_records[:0]
+        train_records = _read(cfg.data.train, cfg.data)
+        eval_records = _read(cfg.data.eval, cfg.data) if cfg.data.eval else []
         pipeline = [("load", lambda ctx, _: load_policy(cfg.model, ctx, cfg.tokenizer))]
-    eval_records = eval_records[: cfg.data.eval_size]
+    eval_records = eval_records[: cfg.eval.num_prompts]
     grpo = functools.partial(grpo_stage, name="grpo", cfg=cfg.rl, eval_cfg=cfg.eval, train_records=train_records,
                              eval_records=eval_records, rewards=_rewards(), render=r1_zero_prompt)
     return pipeline + [("grpo", grpo)]
@@ -161,6 +171,7 @@ def train(cfg: R1ZeroConfig, *, stop=None) -> int:
     with contextlib.ExitStack() as scope:
         stop = stop if stop is not None else scope.enter_context(graceful_sigterm())
         ctx = make_context(cfg.run_dir, cfg.mesh, cfg.seed, overrides, stop)
+        cfg.rl.check_mesh(ctx.mesh)  # before any compute (the base stage included)
         print(f"[r1jax] run dir: {os.path.abspath(cfg.run_dir)}")
         print("[r1jax] resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config_lib.flatten(cfg).items()))
         if jax.process_index() == 0:
@@ -171,12 +182,16 @@ def train(cfg: R1ZeroConfig, *, stop=None) -> int:
         except Preempted as e:
             print(f"[r1jax] {e}")
             return 0
+        except (NonFiniteError, CheckpointError) as e:
+            print(f"[r1jax] error: {e}", file=sys.stderr)
+            return 1
         finally:
             ctx.logger.close()
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if jax.process_index() == 0:
         plot_run(metrics_path, os.path.join(cfg.run_dir, "reward.png"))
-        print(before_after_table(read_metrics(metrics_path, kind="eval")))
+        evals = read_metrics(metrics_path, kind="eval")
+        print(before_after_table(evals) if evals else "[r1jax] no evaluations were run (eval.every=0 or no eval data)")
         print(f"[r1jax] final checkpoint: {os.path.abspath(os.path.join(cfg.run_dir, 'grpo', 'final'))}")
         print(f"[r1jax] run dir: {os.path.abspath(cfg.run_dir)}")
     return 0
@@ -197,8 +212,7 @@ def evaluate(cfg: R1ZeroConfig) -> int:
         ctx = make_context(cfg.run_dir, cfg.mesh, cfg.seed, overrides, stop)
         policy = load_policy(path, ctx, cfg.tokenizer)
         if cfg.data.eval:
-            records = read_records(cfg.data.eval, prompt_field=cfg.data.prompt_field,
-                                   answer_field=cfg.data.answer_field)
+            records = _read(cfg.data.eval, cfg.data)
         else:
             records = _toy_splits(cfg)[1]
         records = records[: cfg.eval.num_prompts]

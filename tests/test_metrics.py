@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-from r1jax.metrics import (EVAL_KEYS, TRAIN_KEYS, MetricsLogger, Progress, before_after_table, plot_run,
-                           read_metrics)
+from r1jax.metrics import (EVAL_KEYS, TRAIN_KEYS, MetricsLogger, Progress, before_after_table, evaluated_steps,
+                           plot_run, read_metrics, run_figure)
 
 
 def _train(step, stage="rl", **extra):
@@ -196,3 +196,34 @@ def test_before_after_table():
     assert "maj@k" not in no_maj and "after RL (step 9)" in no_maj
     with pytest.raises(ValueError):
         before_after_table([_train(1)])
+
+
+def test_reward_png_draws_maj_at_k_as_evaluation_logs_it():
+    records = [{"kind": "train", **_train(1)},
+               *({"kind": "eval", **_eval(s, 0.5, eval_maj4_accuracy=0.6)} for s in (0, 5))]
+    accuracy_panel = run_figure(records).axes[1]
+    labels = [line.get_label() for line in accuracy_panel.get_lines()]
+    assert "eval maj@k" in labels and "eval pass@1" in labels
+    maj = next(line for line in accuracy_panel.get_lines() if line.get_label() == "eval maj@k")
+    assert list(maj.get_ydata()) == [0.6, 0.6]
+
+
+def test_purge_drops_one_stage_after_its_checkpoint_step(tmp_path):
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3):
+        log.log_step(_train(step, stage="first"))
+    log.log_eval(_eval(0, 0.1) | {"stage": "second"})
+    for step in (1, 2, 3):
+        log.log_step(_train(step, stage="second"))
+        log.log_samples(step, "second", [{"completion": "x"}])
+    log.log_eval(_eval(2, 0.2) | {"stage": "second"})
+    log.purge("second", 1)  # the second stage resumes from its step-1 checkpoint
+    log.log_step(_train(2, stage="second"))
+    log.close()
+    raw = read_metrics(str(tmp_path), dedupe=False)
+    assert [(r["stage"], r["kind"], r["step"]) for r in raw] == [
+        ("first", "train", 1), ("first", "train", 2), ("first", "train", 3),
+        ("second", "eval", 0), ("second", "train", 1), ("second", "train", 2)]
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [1]
+    assert evaluated_steps(str(tmp_path), "second") == {0} and evaluated_steps(str(tmp_path), "first") == set()

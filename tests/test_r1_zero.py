@@ -15,7 +15,7 @@ from recipes import r1_zero
 TINY = [
     "base.corpus_size=400", "base.pretrain.steps=3", "base.pretrain.batch_size=8", "base.pretrain.max_len=96",
     "rl.steps=4", "rl.prompts_per_step=4", "rl.group_size=4", "rl.minibatches=2", "rl.max_new_tokens=24",
-    "rl.checkpoint_every=2", "eval.every=2", "eval.num_prompts=8", "data.eval_size=8", "eval.samples=2",
+    "rl.checkpoint_every=2", "eval.every=2", "eval.num_prompts=8", "eval.samples=2",
     "eval.max_new_tokens=24", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
 ]
 TIMING = ("time_sample_s", "time_reward_s", "time_train_s", "tokens_per_s")
@@ -31,14 +31,17 @@ def _records(run_dir):
 
 
 class StopAfter:
-    """Stands in for SIGTERM: asks the loop to stop after `n` polls."""
+    """Stands in for SIGTERM: the signal arrives once `steps` GRPO steps are logged, on the `poll`-th poll
+    from then on (1: the poll right after that step; more: inside the evaluation or generation after it)."""
 
-    def __init__(self, n):
-        self.n = n
+    def __init__(self, run_dir, steps, poll=1):
+        self.path, self.steps, self.poll = os.path.join(run_dir, "metrics.jsonl"), steps, poll
+        self.polls = 0
 
     def stop_everywhere(self):
-        self.n -= 1
-        return self.n <= 0
+        if os.path.exists(self.path) and sum(r["kind"] == "train" for r in read_metrics(self.path)) >= self.steps:
+            self.polls += 1
+        return self.polls >= self.poll
 
 
 def test_pulse_and_exact_resume(tmp_path):
@@ -59,7 +62,7 @@ def test_pulse_and_exact_resume(tmp_path):
 
     # Stopped after step 2 (as by SIGTERM), then the same command again: same metrics, bitwise.
     resumed = _cfg(tmp_path, "resumed")
-    assert r1_zero.train(resumed, stop=StopAfter(2)) == 0
+    assert r1_zero.train(resumed, stop=StopAfter(resumed.run_dir, 2)) == 0
     assert [r["step"] for r in _records(resumed.run_dir) if r["kind"] == "train"] == [1, 2]
     assert r1_zero.train(resumed) == 0
     assert _records(resumed.run_dir) == records
@@ -116,11 +119,15 @@ def test_hf_folder_with_gsm8k_runs_two_steps(tmp_path):
     folder = str(tmp_path / "tiny-qwen2")
     _tiny_hf_folder(folder)
     cfg = r1_zero.config(None, [
-        f"model={folder}", f"data.train={GSM8K_DIR}/train.jsonl", f"data.eval={GSM8K_DIR}/test.jsonl",
+        f"model={folder}", f"data.train={GSM8K_DIR}/train.jsonl",
         f"run_dir={tmp_path / 'run'}", "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2",
-        "rl.max_prompt_len=256", "rl.max_new_tokens=8", "rl.kl_coef=0.001", "eval.num_prompts=2",
-        "data.eval_size=2", "eval.samples=2", "eval.max_new_tokens=8", "eval.every=0"])
+        "rl.max_prompt_len=1024", "rl.max_new_tokens=8", "rl.kl_coef=0.001", "eval.num_prompts=2",
+        "eval.samples=2", "eval.max_new_tokens=8", "rl.minibatches=1", "mesh.data=2", "mesh.tensor=4"])
     assert r1_zero.train(cfg) == 0
-    train = [r for r in _records(cfg.run_dir) if r["kind"] == "train"]
+    records = _records(cfg.run_dir)
+    train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
-    assert all(r["kl"] >= 0 for r in train)
+    # The reference is the initial policy, and step 1's only minibatch sees policy == reference.
+    assert train[0]["kl"] < 1e-6
+    # No data.eval: evaluation is off (it used to crash at step 0), and eval.every=0 means none anyway.
+    assert not [r for r in records if r["kind"] == "eval"]

@@ -1,0 +1,111 @@
+"""The rollout seam: prompts that do not fit are dropped and counted (never cut), scoring splits over
+processes, and decoding in polled segments gives the same tokens and can be abandoned."""
+import jax
+import numpy as np
+import pytest
+
+from r1jax import rollout, sampler, sharding
+from r1jax.model import ModelConfig, create_model
+from r1jax.rewards import Reward, RewardSet
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word; BOS is token 1."""
+
+    def encode_batch(self, texts, add_bos=False):
+        return [[1] * add_bos + [2 + len(w) for w in t.split()] for t in texts]
+
+
+def _render(question):
+    return "User: " + question + " Assistant:"
+
+
+def test_encode_prompts_drops_and_counts_prompts_that_do_not_fit():
+    records = [{"prompt": "a b"}, {"prompt": "a b c d e f"}, {"prompt": "a"}]
+    kept, ids, dropped = rollout.encode_prompts(records, _render, WordTokenizer(), max_prompt_len=6)
+    # BOS + "User:" + words + "Assistant:": 5 and 4 tokens fit, 9 does not; nothing is cut.
+    assert kept == [records[0], records[2]] and dropped == 1
+    assert ids == [[1, 7, 3, 3, 12], [1, 7, 3, 12]]
+
+
+def test_take_prompts_draws_more_until_the_batch_is_full():
+    pool = iter([{"prompt": "x " * n} for n in (1, 9, 2, 9, 9, 3, 1)])
+    take = lambda k: [next(pool) for _ in range(k)]  # noqa: E731
+    records, ids, skipped = rollout.take_prompts(take, 3, _render, WordTokenizer(), max_prompt_len=8)
+    assert [len(r["prompt"].split()) for r in records] == [1, 2, 3] and skipped == 3
+    assert all(len(p) <= 8 for p in ids)
+    endless = lambda k: [{"prompt": "x " * 50}] * k  # noqa: E731
+    with pytest.raises(ValueError, match="exceeded max_prompt_len=8"):
+        rollout.take_prompts(endless, 2, _render, WordTokenizer(), max_prompt_len=8)
+
+
+def test_process_slices_cover_the_rows_once(monkeypatch):
+    for n, count in ((10, 3), (16, 4), (2, 4)):
+        covered = []
+        for index in range(count):
+            monkeypatch.setattr(jax, "process_count", lambda: count)
+            monkeypatch.setattr(jax, "process_index", lambda: index)
+            covered += list(range(n))[rollout.process_slice(n)]
+        assert covered == list(range(n))
+
+
+def test_score_gathers_each_process_share(monkeypatch):
+    """Two processes' views, simulated: each scores only its own rows; the gathered result is the
+    single-process one, counts add up."""
+    seen = []
+
+    def length(completions, examples):
+        seen.append(list(completions))
+        return np.array([len(c) for c in completions], np.float32)
+
+    rewards = RewardSet([Reward("length", length), Reward("half", lambda c, e: np.full(len(c), 0.5))])
+    texts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    examples = [{}] * 5
+    whole = rewards(texts, examples)
+    views = []
+    for index in range(2):
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        parts = [rewards(texts[:3], examples[:3]), rewards(texts[3:], examples[3:])]
+        payload = [{"total": p.total_B.tolist(), "scores": {k: v.tolist() for k, v in p.scores.items()},
+                    "counts": {k: v for k, v in p.metrics.items() if not k.endswith("/mean")}} for p in parts]
+        monkeypatch.setattr(rollout, "allgather_json", lambda value, payload=payload: payload)
+        seen.clear()
+        views.append(rollout.score(rewards, texts, examples))
+        assert seen == [texts[:3] if index == 0 else texts[3:]]  # this process scored its share only
+    for out in views:
+        np.testing.assert_array_equal(out.total_B, whole.total_B)
+        for name in whole.scores:
+            np.testing.assert_array_equal(out.scores[name], whole.scores[name])
+        assert out.metrics == pytest.approx(whole.metrics)
+
+
+def _toy_model():
+    cfg = ModelConfig.toy().replace(vocab_size=64, n_layers=2, d_model=32, d_ff=64, head_dim=8)
+    mesh = sharding.MeshConfig(8, 1, 1).make()
+    model = create_model(cfg, mesh=mesh, seed=3)
+    model.act_sharding = sharding.ActivationSharding(mesh, sharding.SAMPLE_RULES)
+    return model
+
+
+def test_polled_segments_decode_the_same_tokens_and_can_be_abandoned():
+    model = _toy_model()
+    cfg = sampler.SamplerConfig(max_prompt_len=16, max_new_tokens=21, group_size=4, stop_ids=(7,))
+    prompts = [[1, 5, 9], [1, 4], [1, 8, 8, 3]]
+    key = jax.random.key(0)
+    whole = sampler.generate(model, prompts, key, cfg)
+    polls = []
+    segmented = sampler.decode(*sampler.prefill(model, prompts, key, cfg), cfg, poll=lambda: polls.append(1),
+                               poll_every=4)
+    assert len(polls) >= 1
+    for field in ("tokens_BxT", "logp_BxT", "mask_BxT", "truncated_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(segmented, field)), np.asarray(getattr(whole, field)))
+
+    class Stop(Exception):
+        pass
+
+    def stop():
+        raise Stop
+
+    with pytest.raises(Stop):
+        sampler.decode(*sampler.prefill(model, prompts, key, cfg), cfg, poll=stop, poll_every=4)
