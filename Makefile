@@ -22,8 +22,12 @@ train: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/python -m r1jax eval --recipe $(RECIPE) $(ARGS)
 
+# Tests are mostly compile-bound (one core each): two workers keep both cores of a laptop busy.
+# loadfile keeps each file's module fixtures (a reference run) in one worker.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

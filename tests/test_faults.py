@@ -241,3 +241,24 @@ def test_failed_save_stops_the_run_at_once_keeping_the_previous_checkpoint(tmp_p
     monkeypatch.undo()
     assert r1_zero.train(cfg) == 0  # the disk is back: resumes from step 1
     assert _records(cfg.run_dir) == reference
+
+
+def test_dual_clip_and_log_ratio_clamp_reach_the_update():
+    rl = r1_zero.config(None, ["rl.dual_clip=3", "rl.log_ratio_clamp=0.5"]).rl
+    assert (rl.hyper().dual_clip, rl.hyper().log_ratio_clamp) == (3.0, 0.5)
+    _, state = _tiny_state(optax.sgd(0.0))
+    B, Tp, T = 8, 4, 3
+    prompt, completion = jnp.ones((B, Tp), jnp.int32), jnp.full((B, T), 5, jnp.int32)
+    mask_p, mask = jnp.ones((B, Tp), bool), jnp.ones((B, T), bool)
+    logp = train.rollout_logprobs(state.graphdef, state.params, prompt, mask_p, completion, mask, temperature=1.0)
+    # Every token's ratio is e^2 and every advantage -1: PPO's loss is e^2 per token, the dual clip caps it
+    # at 3, and a log-ratio clamp of 0.5 makes the ratio e^0.5.
+    batch = train.RLBatch(prompt, mask_p, completion, mask, logp - 2.0, None, -jnp.ones(B))
+    losses = {}
+    for name, hp in (("ppo", train.RLHyper()), ("dual", train.RLHyper(dual_clip=3.0)),
+                     ("clamp", train.RLHyper(log_ratio_clamp=0.5))):
+        _, metrics = train.rl_update(jax.tree.map(jnp.copy, state), batch, jax.random.key(0), hp)
+        losses[name] = (float(metrics["loss"]), float(metrics["ratio_mean"]))
+    np.testing.assert_allclose(losses["ppo"], (np.exp(2), np.exp(2)), rtol=1e-5)
+    np.testing.assert_allclose(losses["dual"][0], 3.0, rtol=1e-5)
+    np.testing.assert_allclose(losses["clamp"], (np.exp(0.5), np.exp(0.5)), rtol=1e-5)
