@@ -121,3 +121,42 @@ def test_sandbox_dir_is_removed_and_parallel_batches_work():
     assert out.tolist() == [1.0] * 16
     after = {d for d in os.listdir(os.environ.get("TMPDIR", "/tmp")) if "r1jax-sandbox" in d}
     assert after <= before
+
+
+def test_the_trainer_environment_is_not_visible(monkeypatch):
+    monkeypatch.setenv("R1JAX_TEST_SECRET", "hunter2")
+    # The program's own environment is a fresh minimal one, and the parent's cannot be read through /proc.
+    own = "import os\nassert not any('hunter2' in v for v in os.environ.values())\n"
+    assert run(own + SQ)[0].score == 1.0
+    # Reading the parent's environment through /proc is refused or shows no secret: either way LEAKED is False.
+    probe = ("import os\ntry:\n    LEAKED = 'hunter2' in open(f'/proc/{os.getppid()}/environ').read()\n"
+             "except Exception:\n    LEAKED = False\n")
+    assert run(probe + SQ, ["assert not LEAKED", *TESTS])[0].score == 1.0
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_fork_loops_and_endless_sleeps_leave_no_process_behind():
+    marker = "r1jax-leftover-probe"
+    programs = [
+        "import os\nwhile True:\n    os.fork()\n",
+        f"import subprocess\nsubprocess.Popen(['sleep', '1000', '{marker}'])\n",
+        f"import os\nos.execv('/bin/sleep', ['sleep', '1000', '{marker}'])\n",
+        "import time\ntime.sleep(10 ** 6)\n",
+        "import signal, time\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\ntime.sleep(10 ** 6)\n",
+    ]
+    for program in programs:
+        result, elapsed = run(program + SQ, TESTS[:1], wall_s=2.0)
+        assert result.score == 0.0 and elapsed < 4.0, program
+    time.sleep(0.5)
+    assert _processes_with(marker) == []
