@@ -17,7 +17,7 @@ from r1jax.tokenizer import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    every: int = 25  # RL steps between evaluations (and one before any training)
+    every: int = 25  # RL steps between evaluations (and one before, one after training); 0: none
     num_prompts: int = 256
     samples: int = 4  # k
     temperature: float = 0.6  # R1's evaluation settings
@@ -30,7 +30,7 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.every < 0:
-            raise ValueError(f"every={self.every} must be >= 0 (0: evaluate only before and after training)")
+            raise ValueError(f"every={self.every} must be >= 0 (0: no evaluation during training)")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0 (pass@1 over k samples needs sampling)")
         if not 0 < self.top_p <= 1:

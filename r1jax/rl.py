@@ -138,12 +138,18 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
         start = extras["step"]
         print(f"[r1jax] {name}: resumed at step {start}")
     ctx.logger.purge(name, start)  # a killed attempt may have logged steps past the checkpoint
-    saved = {"step": start if restored is not None else -1}
+    saved = {"step": start if restored is not None else None}
 
     def save(step: int, data_state: dict) -> None:
         ckpt.save(step, (state, ref_params), {"step": step, "data": data_state}, force=True)
         ckpt.raise_if_failed()
         saved["step"] = step
+
+    def keep_progress(step: int, data_state: dict) -> None:
+        """Stopped inside an evaluation or a generation: the `step` steps done so far must not be lost."""
+        if step > 0 and saved["step"] != step:
+            save(step, data_state)
+        ckpt.wait()
 
     evaluating = eval_cfg.every > 0 and len(eval_records) > 0
     if not evaluating and start == 0:
@@ -157,9 +163,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
             metrics, samples = evaluate(_sampling_model(state, mesh), eval_records, render, tok, eval_cfg, scfg,
                                         jax.random.fold_in(jax.random.key(ctx.seed + 1), step), poll=ctx.poll)
         except Preempted:
-            if step > 0 and saved["step"] != step:  # the steps before this evaluation must not be lost
-                save(step, stream.get_state())
-            ckpt.wait()
+            keep_progress(step, stream.get_state())
             raise
         ctx.logger.log_eval({"step": step, "stage": name, **metrics})
         ctx.logger.log_samples(step, name, [{**s, "kind": "eval"} for s in samples])
@@ -178,9 +182,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
             out = sampler.generate(_sampling_model(state, mesh), prompts, jax.random.fold_in(step_key, 0), scfg,
                                    poll=ctx.poll)
         except Preempted:
-            if saved["step"] != step:
-                save(step, data_state)
-            ckpt.wait()
+            keep_progress(step, data_state)
             raise
         tokens, mask, truncated = map(sharding.host_array, (out.tokens_BxT, out.mask_BxT, out.truncated_B))
         t1 = time.perf_counter()
@@ -244,12 +246,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
         if nonfinite_run >= cfg.max_nonfinite_steps:
             ckpt.wait()
             progress.close()
-            raise NonFiniteError(
-                f"{name}: every update of the last {nonfinite_run} steps had a non-finite loss or gradient and "
-                f"was skipped (step {step + 1}); stopping. "
-                + (f"The last good checkpoint, step {saved['step']}, is kept in {ckpt.directory}. "
-                   if saved["step"] >= 0 else "No checkpoint was saved. ")
-                + "Lower the learning rate or check the rewards and data.")
+            raise NonFiniteError(name, f"every update of the last {nonfinite_run} steps", step + 1,
+                                 saved["step"], ckpt.directory)
         stopping = ctx.stop.stop_everywhere()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stopping:
             save(step + 1, stream.get_state())

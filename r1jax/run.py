@@ -63,6 +63,12 @@ class Preempted(Exception):
 class NonFiniteError(RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient; the last good checkpoint is kept."""
 
+    def __init__(self, stage: str, what: str, step: int, last_saved: int | None, directory: str):
+        kept = (f"The last good checkpoint, step {last_saved}, is kept in {directory}." if last_saved is not None
+                else "No checkpoint was saved.")
+        super().__init__(f"{stage}: {what} had a non-finite loss or gradient and were skipped (step {step}); "
+                         f"stopping. {kept} Lower the learning rate or check the rewards and data.")
+
 
 def load_policy(path_or_preset: str, ctx: Context, tokenizer_path: str = "") -> Policy:
     """An HF folder (weights + tokenizer) or a preset name (random weights)."""

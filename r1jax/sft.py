@@ -123,10 +123,8 @@ def sft_stage(ctx, policy, pairs: list[tuple[str, str]], cfg: SFTConfig, *, name
             nonfinite_run = nonfinite_run + 1 if int(pending[1]) else 0
             if nonfinite_run >= cfg.max_nonfinite_steps:
                 ckpt.wait()
-                raise NonFiniteError(
-                    f"{name}: the last {nonfinite_run} updates had a non-finite loss or gradient and were skipped "
-                    f"(step {pending[0]}); stopping. " + (f"The last good checkpoint, step {last_saved}, is kept in "
-                                                          f"{ckpt.directory}." if last_saved else "No checkpoint was saved."))
+                raise NonFiniteError(name, f"the last {nonfinite_run} updates", pending[0], last_saved,
+                                     ckpt.directory)
         pending = (step + 1, metrics["nonfinite_updates"])
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             record = {"step": step + 1, "stage": name, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
