@@ -3,6 +3,7 @@ prompts -> template -> tokens that fit -> sampler -> decoded text -> rewards sco
 
 Shapes: P prompts, G completions per prompt, B = P*G rows (prompt-major).
 """
+import collections
 from collections.abc import Callable
 
 import jax
@@ -49,24 +50,27 @@ def process_slice(n: int) -> slice:
     return slice(start, start + base + (index < extra))
 
 
-def score(rewards: RewardSet, texts: list[str], examples: list[dict]) -> RewardOutput:
-    """Score B completions with each process scoring only its own share, then gather, so that every
-    process holds the same rewards whatever its own timing (timeouts in verifiers are wall-clock: two
-    hosts scoring the same completion could disagree, and their advantages would silently differ)."""
+def score(rewards: RewardSet, texts: list[str], examples: list[dict], *, step: int | None = None) -> RewardOutput:
+    """Score B completions at training step `step` (None: evaluation, plain weights) with each process
+    scoring only its own share, then gather, so that every process holds the same rewards whatever its own
+    timing (timeouts in verifiers are wall-clock: two hosts scoring the same completion could disagree, and
+    their advantages would silently differ). Collective rewards (a sharded reward model) are run by every
+    process on the full batch instead, after the gather, so no two collectives interleave."""
     if jax.process_count() == 1:
-        return rewards(texts, examples)
-    mine = process_slice(len(texts))
-    local = rewards(texts[mine], examples[mine])
-    parts = allgather_json({"total": local.total_B.tolist(),
-                            "scores": {k: v.tolist() for k, v in local.scores.items()},
-                            "counts": {k: v for k, v in local.metrics.items() if not k.endswith("/mean")}})
-    total_B = np.concatenate([np.asarray(p["total"], np.float32) for p in parts])
-    scores = {name: np.concatenate([np.asarray(p["scores"][name], np.float32) for p in parts])
-              for name in local.scores}
-    metrics = {}
-    for p in parts:  # counts (errors, timeouts, ...) add up over processes
-        for k, v in p["counts"].items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    metrics.update({f"{name}/mean": float(s.mean()) for name, s in scores.items()})
-    metrics["total/mean"] = float(total_B.mean())
-    return RewardOutput(total_B, scores, metrics)
+        return rewards(texts, examples, step=step)
+    local = [r for r in rewards.rewards if not r.collective]
+    shared = [r for r in rewards.rewards if r.collective]
+    scores, counts = {}, {}
+    if local:
+        mine = process_slice(len(texts))
+        part_scores, part_counts = RewardSet(local).evaluate(texts[mine], examples[mine], step=step)
+        parts = allgather_json({"scores": {k: v.tolist() for k, v in part_scores.items()},
+                                "counts": {k: dict(c) for k, c in part_counts.items()}})
+        for r in local:  # float32 -> JSON -> float32 is exact, so the scores are the single-process ones
+            scores[r.name] = np.concatenate([np.asarray(p["scores"][r.name], np.float32) for p in parts])
+            counts[r.name] = sum((collections.Counter(p["counts"][r.name]) for p in parts), collections.Counter())
+    if shared:  # counts are this process's own: every process scored the same items
+        shared_scores, shared_counts = RewardSet(shared).evaluate(texts, examples, step=step)
+        scores.update(shared_scores)
+        counts.update(shared_counts)
+    return rewards.summarize(scores, counts, examples, step=step)

@@ -49,35 +49,74 @@ def test_process_slices_cover_the_rows_once(monkeypatch):
         assert covered == list(range(n))
 
 
+class _Sent(Exception):
+    pass
+
+
+def _fake_gather(sent: dict, index: int, first_pass: bool):
+    def gather(value):
+        if first_pass:  # only record what this process sends
+            sent[index] = value
+            raise _Sent
+        assert value == sent[index]
+        return [sent[0], sent[1]]
+    return gather
+
+
 def test_score_gathers_each_process_share(monkeypatch):
-    """Two processes' views, simulated: each scores only its own rows; the gathered result is the
-    single-process one, counts add up."""
-    seen = []
+    """Two processes' views, simulated: each scores only its own rows of the plain rewards, both run the
+    collective one on the full batch; the gathered result is the single-process one, counts add up."""
+    seen, seen_rm = [], []
 
     def length(completions, examples):
         seen.append(list(completions))
         return np.array([len(c) for c in completions], np.float32)
 
-    rewards = RewardSet([Reward("length", length), Reward("half", lambda c, e: np.full(len(c), 0.5))])
+    def reward_model(completions, examples):
+        seen_rm.append(list(completions))
+        return np.array([0.1 * len(c) for c in completions], np.float32)
+
+    def picky(completions, examples):  # one error, on the second process's share
+        if "dddd" in completions:
+            raise ValueError("cannot judge")
+        return np.full(len(completions), 0.25, np.float32)
+
+    rewards = RewardSet([Reward("length", length, 0.3),
+                         Reward("rm", reward_model, 0.7, tasks=("general",), collective=True,
+                                schedule=((0, 0.0), (2, 1.0))),
+                         Reward("half", lambda c, e: np.full(len(c), 0.5), tasks=("math",)),
+                         Reward("picky", picky)])
     texts = ["a", "bb", "ccc", "dddd", "eeeee"]
-    examples = [{}] * 5
-    whole = rewards(texts, examples)
-    views = []
-    for index in range(2):
-        monkeypatch.setattr(jax, "process_count", lambda: 2)
-        monkeypatch.setattr(jax, "process_index", lambda: index)
-        parts = [rewards(texts[:3], examples[:3]), rewards(texts[3:], examples[3:])]
-        payload = [{"total": p.total_B.tolist(), "scores": {k: v.tolist() for k, v in p.scores.items()},
-                    "counts": {k: v for k, v in p.metrics.items() if not k.endswith("/mean")}} for p in parts]
-        monkeypatch.setattr(rollout, "allgather_json", lambda value, payload=payload: payload)
-        seen.clear()
-        views.append(rollout.score(rewards, texts, examples))
-        assert seen == [texts[:3] if index == 0 else texts[3:]]  # this process scored its share only
-    for out in views:
-        np.testing.assert_array_equal(out.total_B, whole.total_B)
+    examples = [{"task": t} for t in ("general", "math", "general", "math", "general")]
+    general = [t for t, e in zip(texts, examples) if e["task"] == "general"]
+    for step in (None, 1, 2):
+        whole = rewards(texts, examples, step=step)
+        sent = {}
+        for first_pass in (True, False):  # first: what each process sends; then: each receives both
+            for index in range(2):
+                monkeypatch.setattr(jax, "process_count", lambda: 2)
+                monkeypatch.setattr(jax, "process_index", lambda: index)
+                monkeypatch.setattr(rollout, "allgather_json", _fake_gather(sent, index, first_pass))
+                seen.clear()
+                seen_rm.clear()
+                if first_pass:
+                    with pytest.raises(_Sent):
+                        rollout.score(rewards, texts, examples, step=step)
+                    continue
+                out = rollout.score(rewards, texts, examples, step=step)
+                assert seen == [texts[:3] if index == 0 else texts[3:]]  # this process scored its share only
+                assert seen_rm == ([] if step == 1 else [general])  # the full batch, on every process
+        np.testing.assert_array_equal(out.total_B, whole.total_B)  # bitwise: same summation order
         for name in whole.scores:
             np.testing.assert_array_equal(out.scores[name], whole.scores[name])
-        assert out.metrics == pytest.approx(whole.metrics)
+            np.testing.assert_array_equal(out.routed[name], whole.routed[name])
+        assert out.metrics == whole.metrics
+        assert out.metrics["picky/errors"] == 1 and out.metrics["length/count"] == 5
+        assert out.metrics["rm/weight"] == (0.0 if step == 1 else 0.7)
+        assert out.routed["rm"].tolist() == [step != 1, False, step != 1, False, step != 1]
+        # 0.3 * length + picky (0.25, 0 on "dddd") + half on math + 0.7 * 0.1 * length on general if on
+        expected = [0.62, 1.35, 1.36, 1.7, 2.1] if step != 1 else [0.55, 1.35, 1.15, 1.7, 1.75]
+        np.testing.assert_allclose(out.total_B, expected, rtol=1e-6)
 
 
 def _toy_model():

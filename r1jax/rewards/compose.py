@@ -1,10 +1,14 @@
 """Composing rewards: a weighted sum of named rewards that never crashes a run.
 
+Each reward applies to the examples of its `tasks` (all if None) and is called only on those
+(a reward model must not run on reasoning prompts); its weight may follow a step `schedule`
+(R1 switches the reward models on for the last 400 steps), and at weight 0 it is not called.
+
 Each reward runs in its own daemon thread (all at once; the heavy ones wait on worker
 processes), with a deadline. A reward that raises is retried item by item so one bad
 completion costs only its own score; an item that still raises, or returns a non-finite
 score, scores 0 and counts under "<name>/errors". A reward that misses its deadline scores
-0 for the whole batch and counts the batch under "<name>/timeouts"; its thread is
+0 for all its items and counts them under "<name>/timeouts"; its thread is
 abandoned (Python cannot kill a thread: rewards that can hang should bound themselves, as
 math/code do with processes). Counts that rewards report through `stats.count` appear as
 "<name>/<key>" (e.g. math-verify timeouts inside `accuracy`, under "accuracy/timeouts").
@@ -12,6 +16,7 @@ math/code do with processes). Counts that rewards report through `stats.count` a
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import math
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from r1jax.rewards import stats
+from r1jax.rewards.accuracy import task_of
 
 __all__ = ["Reward", "RewardSet", "RewardOutput", "combine"]
 
@@ -30,25 +36,81 @@ RewardFn = Callable[[list[str], list[dict]], np.ndarray]
 log = logging.getLogger(__name__)
 
 
+def _checked_schedule(name: str, schedule) -> tuple[tuple[int, float], ...]:
+    # Starting at step 0 leaves no step before the first entry to guess a multiplier for.
+    pairs = [tuple(e) if isinstance(e, (tuple, list)) else (e,) for e in schedule]
+    ok = all(len(e) == 2 and type(e[0]) is int and isinstance(e[1], (int, float)) and math.isfinite(e[1])
+             for e in pairs)
+    steps = [e[0] for e in pairs] if ok else []
+    if not ok or (steps and steps[0] != 0) or any(a >= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"schedule of {name} must be ((0, m0), (step, m), ...) with increasing integer "
+                         f"steps and finite multipliers, got {schedule!r}")
+    return tuple((s, float(v)) for s, v in pairs)
+
+
 @dataclass(frozen=True)
 class Reward:
+    """`tasks`: the `task_of(example)` values it applies to (None: all); elsewhere it scores 0 and
+    is not called. `schedule`: ((step, multiplier), ...) from step 0, a piecewise-constant
+    multiplier of `weight` by training step (`((0, 0.0), (600, 1.0))`: on from step 600); empty:
+    always 1. `collective`: `fn` is a collective over all JAX processes (a sharded reward model),
+    so every process calls it on the same full batch (`rollout.score`); it must be deterministic
+    and should not time out on one process only."""
+
     name: str
     fn: RewardFn
     weight: float = 1.0
     timeout_s: float | None = 300.0  # None: wait forever
+    tasks: tuple[str, ...] | None = None
+    schedule: tuple[tuple[int, float], ...] = ()
+    collective: bool = False
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
             raise ValueError(f"a reward name is non-empty and has no '/': {self.name!r}")
         if not math.isfinite(self.weight):
             raise ValueError(f"weight of {self.name} is not finite: {self.weight}")
+        if self.tasks is not None:
+            # A bare string would iterate into letters: "math" -> ("m", "a", "t", "h").
+            tasks = () if isinstance(self.tasks, str) else tuple(self.tasks)
+            if (not tasks or not all(isinstance(t, str) and t for t in tasks)
+                    or len(set(tasks)) != len(tasks)):
+                raise ValueError(f"tasks of {self.name} must be None or distinct non-empty task names, "
+                                 f"got {self.tasks!r}")
+            object.__setattr__(self, "tasks", tasks)
+        object.__setattr__(self, "schedule", _checked_schedule(self.name, self.schedule))
+
+    def weight_at(self, step: int | None) -> float:
+        """The weight at training step `step` (0-based); None (evaluation): the plain weight."""
+        if step is None or not self.schedule:
+            return self.weight
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        i = bisect.bisect_right([s for s, _ in self.schedule], step) - 1
+        return self.weight * self.schedule[i][1]
+
+    def routed(self, examples: Sequence[dict], step: int | None = None) -> np.ndarray:
+        """Bool per example: does this reward score it at `step` (its task, a non-zero weight)."""
+        if self.weight_at(step) == 0:
+            return np.zeros(len(examples), dtype=bool)
+        if self.tasks is None:
+            return np.ones(len(examples), dtype=bool)
+        return np.array([task_of(e) in self.tasks for e in examples], dtype=bool)
 
 
 @dataclass(frozen=True)
 class RewardOutput:
     total_B: np.ndarray  # sum over rewards of weight * score, float32
-    scores: dict[str, np.ndarray]  # name -> unweighted per-item scores (B,)
-    metrics: dict[str, float]  # "<name>/mean", "<name>/errors", "<name>/timeouts", "total/mean"
+    scores: dict[str, np.ndarray]  # name -> unweighted per-item scores (B,), 0 where not routed
+    metrics: dict[str, float]  # "<name>/{mean,weight,count,errors,timeouts}", "total/mean"
+    routed: dict[str, np.ndarray]  # name -> bool (B,): the reward scored this item
+
+    def mean(self, name: str) -> float | None:
+        """Mean score over the items `name` scored; None if absent or it scored none."""
+        routed = self.routed.get(name)
+        if routed is None or not routed.any():
+            return None
+        return float(self.scores[name][routed].mean())
 
 
 def _checked(scores, n: int) -> np.ndarray:
@@ -80,7 +142,7 @@ def _evaluate(reward: Reward, completions, examples, counts: collections.Counter
 
 
 class RewardSet:
-    """Call with (completions, examples) to get a `RewardOutput`."""
+    """Call with (completions, examples, step=...) to get a `RewardOutput`."""
 
     def __init__(self, rewards: Sequence[Reward]):
         names = [r.name for r in rewards]
@@ -88,43 +150,70 @@ class RewardSet:
             raise ValueError(f"reward names must be unique and non-empty: {names}")
         self.rewards = tuple(rewards)
 
-    def __call__(self, completions: list[str], examples: list[dict]) -> RewardOutput:
+    def __call__(self, completions: list[str], examples: list[dict], *,
+                 step: int | None = None) -> RewardOutput:
+        scores, counts = self.evaluate(completions, examples, step=step)
+        return self.summarize(scores, counts, examples, step=step)
+
+    def evaluate(self, completions: list[str], examples: list[dict], *, step: int | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, collections.Counter]]:
+        """Per reward: float32 scores (B,), 0 where not routed, and its counts; no total. This is
+        the part `rollout.score` spreads over processes before one `summarize`."""
         n = len(completions)
         if len(examples) != n:
             raise ValueError(f"{n} completions but {len(examples)} examples")
         runs = []
         start = time.monotonic()
         for reward in self.rewards:
-            counts, out = collections.Counter(), {}
-            thread = threading.Thread(target=_evaluate, name=f"reward-{reward.name}",
-                                      args=(reward, completions, examples, counts, out),
-                                      daemon=True)
-            thread.start()
-            runs.append((reward, thread, counts, out))
-        total_B = np.zeros(n, dtype=np.float32)
-        scores, metrics = {}, {}
-        for reward, thread, counts, out in runs:
-            wait = None if reward.timeout_s is None else max(
-                0.0, start + reward.timeout_s - time.monotonic())
-            thread.join(wait)
-            if "scores" in out:
-                s = out["scores"]
-            else:  # hung, or died without a result: the whole batch scores 0
-                hung = thread.is_alive()
-                log.warning("reward %s %s", reward.name,
-                            f"gave no result within {reward.timeout_s}s" if hung else "died")
-                s = np.zeros(n, dtype=np.float32)
-                counts = collections.Counter(counts)  # a hung thread still owns the original
-                counts["timeouts" if hung else "errors"] += n
+            idx = np.flatnonzero(reward.routed(examples, step))
+            counts, out, thread = collections.Counter(), {}, None
+            if idx.size:  # otherwise not called at all: no reward-model forward for nothing
+                thread = threading.Thread(
+                    target=_evaluate, name=f"reward-{reward.name}", daemon=True,
+                    args=(reward, [completions[i] for i in idx], [examples[i] for i in idx], counts, out))
+                thread.start()
+            runs.append((reward, idx, thread, counts, out))
+        scores, all_counts = {}, {}
+        for reward, idx, thread, counts, out in runs:
+            s = np.zeros(n, dtype=np.float32)
+            if thread is not None:
+                wait = None if reward.timeout_s is None else max(
+                    0.0, start + reward.timeout_s - time.monotonic())
+                thread.join(wait)
+                if "scores" in out:
+                    s[idx] = out["scores"]
+                else:  # hung, or died without a result: all its items score 0
+                    hung = thread.is_alive()
+                    log.warning("reward %s %s", reward.name,
+                                f"gave no result within {reward.timeout_s}s" if hung else "died")
+                    counts = collections.Counter(counts)  # a hung thread still owns the original
+                    counts["timeouts" if hung else "errors"] += idx.size
             scores[reward.name] = s
-            total_B += np.float32(reward.weight) * s
-            metrics[f"{reward.name}/mean"] = float(s.mean()) if n else 0.0
+            all_counts[reward.name] = counts
+        return scores, all_counts
+
+    def summarize(self, scores: Mapping[str, np.ndarray], counts: Mapping[str, Mapping[str, float]],
+                  examples: list[dict], *, step: int | None = None) -> RewardOutput:
+        """The total and metrics from `evaluate`'s full-batch scores and counts. The total adds
+        the rewards in this set's order, so one process and many give bitwise-equal totals."""
+        n = len(examples)
+        total_B = np.zeros(n, dtype=np.float32)
+        metrics, routed = {}, {}
+        for reward in self.rewards:
+            name, s = reward.name, scores[reward.name]
+            weight = reward.weight_at(step)
+            routed[name] = reward.routed(examples, step)
+            total_B += np.float32(weight) * s  # s is 0 off the routed items: adds nothing there
             for key in ("errors", "timeouts"):
-                metrics[f"{reward.name}/{key}"] = float(counts.get(key, 0))
-            for key, value in counts.items():
-                metrics[f"{reward.name}/{key}"] = float(value)
+                metrics[f"{name}/{key}"] = 0.0
+            for key, value in counts[name].items():
+                metrics[f"{name}/{key}"] = float(value)
+            count = int(routed[name].sum())
+            metrics[f"{name}/mean"] = float(s[routed[name]].mean()) if count else 0.0
+            metrics[f"{name}/weight"] = float(weight)
+            metrics[f"{name}/count"] = float(count)
         metrics["total/mean"] = float(total_B.mean()) if n else 0.0
-        return RewardOutput(total_B, scores, metrics)
+        return RewardOutput(total_B, dict(scores), metrics, routed)
 
 
 def combine(rewards: Mapping[str, RewardFn | tuple[RewardFn, float]], *,
