@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "sample":
         return sample_cli.run(args)
+    from r1jax import run
+
     recipe = _load_recipe(args.recipe)
-    cfg = recipe.config(args.preset, args.overrides)
+    cfg = run.config(recipe, args.preset, args.overrides)
     if args.help:
         from r1jax.config import help_text
 
@@ -44,5 +46,5 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(cfg))
         return 0
     if args.command == "train":
-        return recipe.train(cfg)
-    return recipe.evaluate(cfg)
+        return run.train(recipe, cfg)
+    return run.evaluate(recipe, cfg)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from r1jax import rollout, sampler
+from r1jax import rollout, sampler, sharding
 from r1jax.rewards import R1_TAGS, Reward, RewardSet, accuracy_reward, final_answer, format_reward
 from r1jax.sharding import host_array
 from r1jax.tokenizer import Tokenizer
@@ -66,6 +66,7 @@ def evaluate(model, records: list[dict], render, tokenizer: Tokenizer, cfg: Eval
     if not records:
         raise ValueError(f"no evaluation prompt fits max_prompt_len={scfg.max_prompt_len} ({too_long} too long)")
     correct, formatted, lengths, majority, samples = [], [], [], [], []
+    extra = {name: [] for name in (r.name for r in rewards.rewards) if name not in ("accuracy", "format")}
     for start in range(0, len(records), cfg.batch_prompts):
         if poll is not None:
             poll()
@@ -79,6 +80,8 @@ def evaluate(model, records: list[dict], render, tokenizer: Tokenizer, cfg: Eval
         acc, fmt = scored.scores["accuracy"], scored.scores["format"]
         correct.append(acc)
         formatted.append(fmt)
+        for name in extra:
+            extra[name].append(scored.scores[name])
         lengths.append(mask.sum(axis=1))
         answers = [final_answer(t, R1_TAGS) for t in texts]
         for p in range(len(batch)):
@@ -96,4 +99,68 @@ def evaluate(model, records: list[dict], render, tokenizer: Tokenizer, cfg: Eval
         "eval_prompts": len(records),
         "eval_prompts_too_long": too_long,
     }
+    for name, parts in extra.items():  # a recipe's other rewards, e.g. language consistency
+        metrics[_EVAL_NAMES.get(name, f"eval_{name}")] = float(np.concatenate(parts).mean())
     return metrics, samples
+
+
+_EVAL_NAMES = {"language": "eval_language_consistency"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What a recipe evaluates its stages on; `evaluation(ctx, model, tokenizer, stage, step)` samples, scores
+    and logs one eval record (and a few samples) and returns its metrics.
+
+    `rewards` scores the held-out `records` (accuracy and format, and e.g. "language", logged as
+    eval_language_consistency); `general` prompts, when given, get one sample each at the same
+    temperature, scored by `general_rewards` (reward models): their mean total is eval_rm_score.
+    """
+
+    cfg: EvalConfig
+    records: list[dict]
+    render: Callable[[str], str]
+    max_prompt_len: int
+    rewards: RewardSet | None = None
+    general: list[dict] = dataclasses.field(default_factory=list)
+    general_rewards: RewardSet | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.every > 0 and len(self.records) > 0
+
+    def __call__(self, ctx, model, tokenizer: Tokenizer, stage: str, step: int) -> dict:
+        metrics, samples = self.measure(ctx, model, tokenizer, step)
+        ctx.logger.log_eval({"step": step, "stage": stage, **metrics})
+        ctx.logger.log_samples(step, stage, [{**s, "kind": "eval"} for s in samples])
+        return metrics
+
+    def measure(self, ctx, model, tokenizer: Tokenizer, step: int) -> tuple[dict, list[dict]]:
+        model = sharding.for_sampling(model, ctx.mesh)
+        scfg = sampler.SamplerConfig(max_prompt_len=self.max_prompt_len, max_new_tokens=self.cfg.max_new_tokens,
+                                     stop_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id)
+        key = jax.random.fold_in(jax.random.key(ctx.seed + 1), step)
+        metrics, samples = evaluate(model, self.records, self.render, tokenizer, self.cfg, scfg, key,
+                                    rewards=self.rewards, poll=ctx.poll)
+        if self.general and self.general_rewards is not None:
+            metrics["eval_rm_score"], general_samples = self._general_score(model, tokenizer, scfg, key, ctx.poll)
+            samples += general_samples
+        return metrics, samples
+
+    def _general_score(self, model, tokenizer, scfg, key, poll) -> tuple[float, list[dict]]:
+        scfg = scfg.replace(group_size=1, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                            max_new_tokens=self.cfg.max_new_tokens)
+        records, prompts, _ = rollout.encode_prompts(self.general, self.render, tokenizer, scfg.max_prompt_len)
+        totals, texts = [], []
+        for start in range(0, len(records), self.cfg.batch_prompts):
+            poll()
+            out = sampler.generate(model, prompts[start : start + self.cfg.batch_prompts],
+                                   jax.random.fold_in(key, 1_000_003 + start), scfg, poll=poll)
+            tokens, mask = host_array(out.tokens_BxT), host_array(out.mask_BxT)
+            batch_texts = tokenizer.decode_batch([t[m] for t, m in zip(tokens, mask)])
+            totals.append(rollout.score(self.general_rewards, batch_texts,
+                                        records[start : start + self.cfg.batch_prompts]).total_B)
+            texts += batch_texts
+        samples = [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(np.concatenate(totals)[i])}
+                   for i in range(min(2, len(texts)))]
+        return float(np.concatenate(totals).mean()), samples

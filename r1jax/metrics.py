@@ -357,20 +357,42 @@ def before_after_table(evals: list[dict]) -> str:
     evals = [r for r in evals if "eval_accuracy" in r]
     if not evals:
         raise ValueError("before_after_table needs at least one eval record (with eval_accuracy)")
-    rows = [("base", evals[0])] + ([("after RL", evals[-1])] if len(evals) > 1 else [])
+    return _table([("base", evals[0])] + ([("after RL", evals[-1])] if len(evals) > 1 else []))
+
+
+def stage_table(evals: list[dict], stages: list[str]) -> str:
+    """One row per stage, its last evaluation, after a "base" row: the run's first evaluation (a
+    stage's step 0, before any training). Stages that logged no evaluation have no row."""
+    evals = [r for r in evals if "eval_accuracy" in r]
+    if not evals:
+        raise ValueError("stage_table needs at least one eval record (with eval_accuracy)")
+    rows = [("base", evals[0])]
+    for name in stages:
+        mine = [r for r in evals if r.get("stage") == name]
+        if mine and mine[-1] is not evals[0]:
+            rows.append((name, mine[-1]))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, dict]]) -> str:
     columns = [("eval_accuracy", "accuracy (pass@1)", True)]
     # maj@k is logged as eval_maj<k>_accuracy (e.g. eval_maj4_accuracy), or eval_maj_accuracy.
     maj = sorted({k for _, r in rows for k in r if re.fullmatch(r"eval_maj\d*_accuracy", k)})
     for key in maj:
         k = key.removeprefix("eval_maj").removesuffix("_accuracy") or "k"
         columns.append((key, f"maj@{k}", True))
-    columns += [("eval_format_rate", "format", True), ("eval_completion_len_mean", "mean length", False)]
+    columns.append(("eval_format_rate", "format", True))
+    if any("eval_language_consistency" in r for _, r in rows):
+        columns.append(("eval_language_consistency", "language", True))
+    columns.append(("eval_completion_len_mean", "mean length", False))
+    if any("eval_rm_score" in r for _, r in rows):
+        columns.append(("eval_rm_score", "RM score (general)", False))
 
     def cell(record: dict, key: str, pct: bool) -> str:
         v = record.get(key)
         if v is None:
             return "-"
-        return f"{float(v):.1%}" if pct else f"{float(v):.1f}"
+        return f"{float(v):.1%}" if pct else f"{float(v):.2f}" if key == "eval_rm_score" else f"{float(v):.1f}"
 
     table = [[""] + [title for _, title, _ in columns]]
     table += [[f"{label} (step {r['step']})"] + [cell(r, k, pct) for k, _, pct in columns] for label, r in rows]

@@ -12,12 +12,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from r1jax import grpo, rollout, sampler, sharding, train
 from r1jax.checkpoint import Checkpointer
 from r1jax.data import PromptStream
-from r1jax.evaluate import EvalConfig, evaluate
+from r1jax.evaluate import Evaluation
 from r1jax.metrics import Progress
 from r1jax.rewards import RewardSet
 from r1jax.run import Context, NonFiniteError, Policy, Preempted
@@ -54,6 +53,16 @@ class RLConfig:
     checkpoint_keep: int = 3
     log_samples_every: int = 10
     max_nonfinite_steps: int = 3  # steps in a row whose updates were all skipped (NaN/inf) before the run stops
+    loss_type: Literal["ppo", "cispo"] = "ppo"  # cispo: MiniMax-M1's clipped stop-gradient IS weights on every token
+    # DAPO's overlong reward shaping: a penalty growing linearly to -overlong_penalty over the last
+    # overlong_buffer tokens before max_new_tokens (0: off).
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    # DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more prompts are sampled,
+    # up to max_sampling_rounds generate calls per step; a batch still short then is topped up with dropped
+    # groups (zero advantage; counted as dynamic_sampling_short_groups).
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "mu", "minibatches", "microbatches", "max_prompt_len",
@@ -71,6 +80,11 @@ class RLConfig:
             raise ValueError(f"dual_clip={self.dual_clip} must be > 1 (or none)")
         if not self.log_ratio_clamp > 0 or min(self.clip_low, self.clip_high, self.kl_coef) < 0:
             raise ValueError("log_ratio_clamp must be > 0 and clip_low, clip_high, kl_coef >= 0")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens or self.overlong_penalty < 0:
+            raise ValueError(f"overlong_buffer={self.overlong_buffer} must be in [0, max_new_tokens="
+                             f"{self.max_new_tokens}] and overlong_penalty >= 0")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
         if not 0 < self.top_p <= 1 or self.top_k < 0 or self.log_samples_every < 0:
             raise ValueError("top_p must be in (0, 1], top_k >= 0 and log_samples_every >= 0")
 
@@ -90,23 +104,123 @@ class RLConfig:
             clip_low=self.clip_low, clip_high=self.clip_high, kl_coef=self.kl_coef, kl_kind=self.kl_kind,
             aggregation=self.aggregation, importance=self.importance, temperature=self.temperature,
             max_len=self.max_new_tokens if self.aggregation == "seq_mean_token_sum_norm" else None,
-            logprob_chunk=self.logprob_chunk, dual_clip=self.dual_clip, log_ratio_clamp=self.log_ratio_clamp)
+            logprob_chunk=self.logprob_chunk, dual_clip=self.dual_clip, log_ratio_clamp=self.log_ratio_clamp,
+            loss_type=self.loss_type)
 
 
-def _sampling_model(state: train.TrainState, mesh) -> "nnx.Module":
-    """The policy on the sampling rules' shardings (weights replicated over fsdp)."""
-    model = sharding.reshard(state.model(), mesh, sharding.SAMPLE_RULES)
-    model.act_sharding = sharding.ActivationSharding(mesh, sharding.SAMPLE_RULES)
-    return model
+@dataclasses.dataclass
+class Groups:
+    """One step's rollouts on the host, P groups of G rows (prompt-major), ready for the update."""
+
+    records: list[dict]  # P
+    prompt_tokens_BxTp: np.ndarray
+    prompt_mask_BxTp: np.ndarray
+    tokens_BxT: np.ndarray
+    mask_BxT: np.ndarray
+    logp_BxT: np.ndarray
+    truncated_B: np.ndarray
+    texts: list[str]
+    task_rewards_B: np.ndarray  # the rewards' weighted total
+    rewards_B: np.ndarray  # plus reward shaping (overlong); what the advantages are computed from
+    scores: dict[str, np.ndarray]  # name -> per-row score (0 where the reward does not apply)
+    routed: dict[str, np.ndarray]  # name -> per-row bool
+    counts: dict[str, float]  # the rewards' error/timeout/... counts over every row sampled for the step
+
+    def take(self, groups: np.ndarray, G: int) -> "Groups":
+        rows = (groups[:, None] * G + np.arange(G)).reshape(-1)
+        pick = lambda x: x[rows]  # noqa: E731
+        return Groups([self.records[p] for p in groups], *(pick(getattr(self, f)) for f in _ROW_FIELDS[:6]),
+                      [self.texts[r] for r in rows], pick(self.task_rewards_B), pick(self.rewards_B),
+                      {k: pick(v) for k, v in self.scores.items()}, {k: pick(v) for k, v in self.routed.items()},
+                      self.counts)
 
 
-def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_cfg: EvalConfig,
-               train_records: list[dict], eval_records: list[dict], rewards: RewardSet,
-               render: Callable[[str], str]) -> Policy:
+_ROW_FIELDS = ("prompt_tokens_BxTp", "prompt_mask_BxTp", "tokens_BxT", "mask_BxT", "logp_BxT", "truncated_B")
+
+
+def _pad_to(x: np.ndarray, width: int, left: bool) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (width - x.shape[1], 0) if left else (0, width - x.shape[1])
+    return np.pad(x, pad)
+
+
+def _join(a: Groups, b: Groups) -> Groups:
+    """Groups of two generate calls in one batch (their prompt buckets may differ: left-pad the narrower)."""
+    def cat(name):
+        x, y = getattr(a, name), getattr(b, name)
+        if x.ndim == 2 and x.shape[1] != y.shape[1]:
+            left = name.startswith("prompt")
+            width = max(x.shape[1], y.shape[1])
+            x, y = _pad_to(x, width, left), _pad_to(y, width, left)
+        return np.concatenate([x, y])
+    return Groups(a.records + b.records, *(cat(f) for f in _ROW_FIELDS), a.texts + b.texts,
+                  np.concatenate([a.task_rewards_B, b.task_rewards_B]), np.concatenate([a.rewards_B, b.rewards_B]),
+                  {k: np.concatenate([v, b.scores[k]]) for k, v in a.scores.items()},
+                  {k: np.concatenate([v, b.routed[k]]) for k, v in a.routed.items()},
+                  a.counts)  # collect_step sets the step's counts once its rounds are done
+
+
+def sample_groups(model, take, n: int, key, cfg: RLConfig, scfg: sampler.SamplerConfig, tok, render, rewards,
+                  step: int, poll) -> tuple[Groups, int]:
+    """Sample G completions for `n` prompts drawn by `take`, decode and score them (each process its share);
+    returns the groups and the number of prompts skipped as too long."""
+    records, prompts, too_long = rollout.take_prompts(take, n, render, tok, cfg.max_prompt_len)
+    out = sampler.generate(model, prompts, key, scfg, poll=poll)
+    host = {f: sharding.host_array(getattr(out, f.replace("Tp", "T"))) for f in _ROW_FIELDS}
+    texts = tok.decode_batch([t[m] for t, m in zip(host["tokens_BxT"], host["mask_BxT"])])
+    examples = [r for r in records for _ in range(cfg.group_size)]
+    scored = rollout.score(rewards, texts, examples, step=step)
+    task_B = np.asarray(scored.total_B, np.float32)
+    shaped_B = task_B
+    if cfg.overlong_buffer:
+        penalty_B = grpo.overlong_penalty(host["mask_BxT"].sum(axis=1), cfg.max_new_tokens, cfg.overlong_buffer,
+                                          penalty_factor=cfg.overlong_penalty)
+        shaped_B = task_B + np.asarray(penalty_B, np.float32)
+    counts = {k: v for k, v in scored.metrics.items() if not k.endswith(("/mean", "/weight"))}
+    return Groups(records, *(host[f] for f in _ROW_FIELDS), texts, task_B, shaped_B, scored.scores,
+                  scored.routed, counts), too_long
+
+
+def collect_step(model, stream, key, cfg: RLConfig, scfg, tok, render, rewards, step: int, poll) -> tuple[Groups, dict]:
+    """One step's P groups: sample -> decode -> score, and with dynamic sampling keep only groups whose task
+    rewards differ, sampling more prompts until P are kept (at most max_sampling_rounds calls)."""
+    P, G = cfg.prompts_per_step, cfg.group_size
+    groups, too_long = sample_groups(model, stream.take, P, jax.random.fold_in(key, 0), cfg, scfg, tok, render,
+                                     rewards, step, poll)
+    stats = {"prompts_too_long": too_long}
+    if not cfg.dynamic_sampling:
+        return groups, stats
+    kept, dropped, rounds, counts = None, None, 0, {}
+    while True:
+        rounds += 1
+        for k, v in groups.counts.items():
+            counts[k] = counts.get(k, 0.0) + v
+        informative = np.asarray(grpo.informative_groups(groups.task_rewards_B.reshape(-1, G)))
+        good, bad = groups.take(np.flatnonzero(informative), G), groups.take(np.flatnonzero(~informative), G)
+        kept = good if kept is None else _join(kept, good)
+        dropped = bad if dropped is None else _join(dropped, bad)
+        if len(kept.records) >= P or rounds == cfg.max_sampling_rounds:
+            break
+        groups, skipped = sample_groups(model, stream.take, P, jax.random.fold_in(key, rounds), cfg, scfg, tok,
+                                        render, rewards, step, poll)
+        stats["prompts_too_long"] += skipped
+    short = max(P - len(kept.records), 0)
+    if short:  # top up with zero-advantage groups so the batch keeps its shape (and its compiled program)
+        kept = _join(kept, dropped.take(np.arange(short), G))
+    stats.update(dynamic_sampling_rounds=rounds, dynamic_sampling_dropped_groups=len(dropped.records),
+                 dynamic_sampling_short_groups=short)
+    kept = kept.take(np.arange(P), G)
+    kept.counts = counts
+    return kept, stats
+
+
+def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_records: list[dict],
+               rewards: RewardSet, render: Callable[[str], str], evaluation: Evaluation | None = None,
+               evaluate_start: bool = True) -> Policy:
     """Run `cfg.steps` GRPO steps from `policy`; resumes from the stage's last readable checkpoint.
 
-    Evaluations run at step 0, every `eval_cfg.every` steps and at the end (none when `every` is 0 or
-    there are no eval records); one that a stop or a crash cut short runs again on resume. SIGTERM is
+    Evaluations run at step 0 (unless `evaluate_start` is False: the policy was just evaluated by the
+    stage before), every `evaluation.cfg.every` steps and at the end (none without an enabled evaluation); one that a stop or a crash cut short runs again on resume. SIGTERM is
     polled between steps, evaluation batches and decode segments; the loop saves and leaves.
     """
     cfg.check_mesh(ctx.mesh)
@@ -151,22 +265,21 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
             save(step, data_state)
         ckpt.wait()
 
-    evaluating = eval_cfg.every > 0 and len(eval_records) > 0
+    evaluating = evaluation is not None and evaluation.enabled
     if not evaluating and start == 0:
-        print(f"[r1jax] {name}: evaluation is off " + ("(eval.every=0)" if eval_records else "(no eval records)"))
+        print(f"[r1jax] {name}: evaluation is off")
 
     def eval_due(step: int) -> bool:
-        return evaluating and (step in (0, cfg.steps) or step % eval_cfg.every == 0)
+        if step == 0:
+            return evaluating and evaluate_start
+        return evaluating and (step == cfg.steps or step % evaluation.cfg.every == 0)
 
     def do_eval(step: int) -> None:
         try:
-            metrics, samples = evaluate(_sampling_model(state, mesh), eval_records, render, tok, eval_cfg, scfg,
-                                        jax.random.fold_in(jax.random.key(ctx.seed + 1), step), poll=ctx.poll)
+            evaluation(ctx, state.model(), tok, name, step)
         except Preempted:
             keep_progress(step, stream.get_state())
             raise
-        ctx.logger.log_eval({"step": step, "stage": name, **metrics})
-        ctx.logger.log_samples(step, name, [{**s, "kind": "eval"} for s in samples])
 
     if eval_due(start) and start not in ctx.evaluated_steps(name):
         do_eval(start)
@@ -176,29 +289,22 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         data_state = stream.get_state()
-        records, prompts, too_long = rollout.take_prompts(stream.take, P, render, tok, cfg.max_prompt_len)
         step_key = jax.random.fold_in(key, step)
         try:
-            out = sampler.generate(_sampling_model(state, mesh), prompts, jax.random.fold_in(step_key, 0), scfg,
-                                   poll=ctx.poll)
+            groups, sample_stats = collect_step(sharding.for_sampling(state.model(), mesh), stream, step_key, cfg,
+                                                scfg, tok, render, rewards, step, ctx.poll)
         except Preempted:
             keep_progress(step, data_state)
             raise
-        tokens, mask, truncated = map(sharding.host_array, (out.tokens_BxT, out.mask_BxT, out.truncated_B))
+        adv_B = np.asarray(grpo.group_advantages(groups.rewards_B, G, scale=cfg.adv_scale))
         t1 = time.perf_counter()
 
-        texts = tok.decode_batch([t[m] for t, m in zip(tokens, mask)])
-        examples = [r for r in records for _ in range(G)]
-        reward_out = rollout.score(rewards, texts, examples)
-        rewards_B = np.asarray(reward_out.total_B, np.float32)
-        adv_B = np.asarray(grpo.group_advantages(rewards_B, G, scale=cfg.adv_scale))
-        t2 = time.perf_counter()
-
-        loss_mask = mask & ~truncated[:, None] if cfg.mask_truncated else mask
+        mask = groups.mask_BxT
+        loss_mask = mask & ~groups.truncated_B[:, None] if cfg.mask_truncated else mask
         put = lambda x: sharding.put_rows(x, mesh, sharding.TRAIN_RULES)  # noqa: E731
-        prompt_BxTp, prompt_mask_BxTp = put(out.prompt_tokens_BxT), put(out.prompt_mask_BxT)
-        completion_BxT, loss_mask_BxT = put(out.tokens_BxT), put(loss_mask)
-        old_logp = put(out.logp_BxT)
+        prompt_BxTp, prompt_mask_BxTp = put(groups.prompt_tokens_BxTp), put(groups.prompt_mask_BxTp)
+        completion_BxT, loss_mask_BxT = put(groups.tokens_BxT), put(loss_mask)
+        old_logp = put(groups.logp_BxT)
         if cfg.recompute_old_logp:
             old_logp = train.rollout_logprobs(state.graphdef, state.params, prompt_BxTp, prompt_mask_BxTp,
                                               completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
@@ -213,34 +319,37 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
         lr = float(schedule(int(sharding.host_array(state.step))))
         state, update_metrics = train.rl_update(state, batch, jax.random.fold_in(step_key, 1), hp)
         update_metrics = jax.tree.map(sharding.host_array, update_metrics)
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
 
         if use_ref and (step + 1) % cfg.ref_reset_every == 0:
             ref_params = jax.tree.map(jnp.copy, state.params)
         lengths = mask.sum(axis=1)
+        rewards_B = groups.rewards_B
         record = {
             "step": step + 1, "stage": name,
             "reward_mean": float(rewards_B.mean()), "reward_std": float(rewards_B.std()),
-            "accuracy": float(np.mean(reward_out.scores["accuracy"])) if "accuracy" in reward_out.scores else 0.0,
-            "format_rate": float(np.mean(reward_out.scores["format"])) if "format" in reward_out.scores else 0.0,
+            "accuracy": _routed_mean(groups, "accuracy"), "format_rate": _routed_mean(groups, "format"),
             "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
-            "truncation_rate": float(truncated.mean()),
+            "truncation_rate": float(groups.truncated_B.mean()),
             "zero_spread_groups": float(grpo.zero_spread_fraction(rewards_B, G)),
-            "prompts_too_long": too_long,
+            **sample_stats,
             "lr": lr,
             **{k: float(v) for k, v in update_metrics.items()},
-            **{f"reward/{k}": float(v) for k, v in reward_out.metrics.items()},
-            "time_sample_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2,
-            "tokens_per_s": float(lengths.sum() / max(t3 - t0, 1e-9)),
+            **{f"reward/{k}/mean": _routed_mean(groups, k) for k in groups.scores},
+            **{f"reward/{k}": v for k, v in groups.counts.items()},
+            "time_rollout_s": t1 - t0, "time_train_s": t2 - t1,
+            "tokens_per_s": float(lengths.sum() / max(t2 - t0, 1e-9)),
         }
+        if cfg.overlong_buffer:
+            record["overlong_penalty_mean"] = float((groups.rewards_B - groups.task_rewards_B).mean())
         if not use_ref:
             record["kl"] = 0.0
         ctx.logger.log_step(record)
         progress.update(step + 1, record)
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
             ctx.logger.log_samples(step + 1, name, [
-                {"prompt": examples[i]["prompt"], "completion": texts[i], "reward": float(rewards_B[i])}
-                for i in range(0, len(texts), G)][:4])
+                {"prompt": groups.records[i // G]["prompt"], "completion": groups.texts[i],
+                 "reward": float(rewards_B[i])} for i in range(0, len(groups.texts), G)][:4])
         skipped = int(update_metrics["nonfinite_updates"])
         nonfinite_run = nonfinite_run + 1 if skipped == cfg.mu * cfg.minibatches else 0
         if nonfinite_run >= cfg.max_nonfinite_steps:
@@ -262,3 +371,11 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, eval_c
     ckpt.close()
     model = state.model()
     return dataclasses.replace(policy, model=model)
+
+
+def _routed_mean(groups: Groups, name: str) -> float:
+    """A reward's mean over the rows it applies to (0.0 when it is absent or applies to none)."""
+    if name not in groups.scores:
+        return 0.0
+    routed = groups.routed.get(name, np.ones(len(groups.texts), bool))
+    return float(groups.scores[name][routed].mean()) if routed.any() else 0.0

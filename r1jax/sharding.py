@@ -211,3 +211,11 @@ def allgather_json(value) -> list:
     padded[: data.size] = data
     rows = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
     return [json.loads(bytes(row[:size]).decode()) for row, size in zip(rows, sizes)]
+
+
+def for_sampling(model, mesh: Mesh):
+    """A view of `model` on the sampling rules' shardings (weights replicated over fsdp): a copy where they
+    differ. The caller's module is never modified."""
+    view = reshard(model, mesh, SAMPLE_RULES)  # a new module: setting its act_sharding leaves `model` alone
+    view.act_sharding = ActivationSharding(mesh, SAMPLE_RULES)
+    return view

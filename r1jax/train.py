@@ -127,6 +127,7 @@ class RLHyper:
     logprob_chunk: int = 256
     dual_clip: float | None = None
     log_ratio_clamp: float = grpo.LOG_RATIO_CLAMP
+    loss_type: str = "ppo"  # "ppo" (clipped surrogate) or "cispo" (clipped, stop-gradient IS weights)
 
 
 def apply_if_finite(state: TrainState, grads, loss, grad_norm) -> tuple[TrainState, jax.Array]:
@@ -169,7 +170,8 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
             logp_BxT, mb.old_logp_BxT, mb.ref_logp_BxT, mb.adv_B, mb.completion_mask_BxT,
             clip_low=hp.clip_low, clip_high=hp.clip_high, kl_coef=hp.kl_coef, kl_kind=hp.kl_kind,
             aggregation=hp.aggregation, max_len=hp.max_len, importance=hp.importance,
-            dual_clip=hp.dual_clip, log_ratio_clamp=hp.log_ratio_clamp, normalizer=normalizer)
+            dual_clip=hp.dual_clip, log_ratio_clamp=hp.log_ratio_clamp, normalizer=normalizer,
+            loss_type=hp.loss_type)
         mask = mb.completion_mask_BxT
         gap_BxT = jnp.where(mask, jnp.abs(logp_BxT - mb.old_logp_BxT), 0.0)
         stats = {

@@ -4,31 +4,20 @@ format rewards, no SFT.
 Stages: `toy_base` (only for the embedded default: pretrain a small base model on the
 built-in task's corpus, cached across runs) then `grpo`.
 """
-import contextlib
 import dataclasses
 import functools
-import hashlib
 import os
-import shutil
-import sys
 from typing import Literal
 
-import jax
-
-from r1jax import config as config_lib
 from r1jax import sft, toy
-from r1jax.checkpoint import CheckpointError, graceful_sigterm
 from r1jax.data import read_records
-from r1jax.evaluate import EvalConfig
-from r1jax.metrics import before_after_table, plot_run, read_metrics
-from r1jax.model import ModelConfig, create_model
-from r1jax.rewards import RewardSet, Reward, accuracy_reward, format_reward
+from r1jax.evaluate import EvalConfig, Evaluation
+from r1jax.rewards import Reward, RewardSet, accuracy_reward, format_reward
 from r1jax.rl import RLConfig, grpo_stage
-from r1jax.run import (Context, NonFiniteError, Policy, Preempted, load_policy, make_context, run_stages,
-                       save_policy)
-from r1jax.sharding import MeshConfig
-from r1jax.tokenizer import r1_zero_prompt, train_sentencepiece
+from r1jax.run import Context, Policy, RunConfig, Stage, load_policy
+from r1jax.tokenizer import r1_zero_prompt
 from r1jax.train import OptimConfig
+from recipes import _toy_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +44,10 @@ class ToyBaseConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class R1ZeroConfig:
+class R1ZeroConfig(RunConfig):
     run_dir: str = "runs/r1_zero"
-    seed: int = 0
     model: str = "toy"  # "toy": pretrain the built-in base; else an HF folder (or a preset + tokenizer)
     tokenizer: str = ""
-    param_dtype: str = "float32"
-    dtype: str = "auto"
-    remat: str = "none"
-    mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     base: ToyBaseConfig = ToyBaseConfig()
     rl: RLConfig = RLConfig()
@@ -97,12 +81,6 @@ def cpu() -> R1ZeroConfig:
 PRESETS = {"cpu": cpu, "paper": paper}
 
 
-def config(preset: str | None, overrides: list[str]) -> R1ZeroConfig:
-    if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    return config_lib.override(PRESETS[preset or "cpu"](), overrides)
-
-
 def _read(path: str, data: DataConfig) -> list[dict]:
     return read_records(path, prompt_field=data.prompt_field, answer_field=data.answer_field, on_error=data.on_error)
 
@@ -117,30 +95,15 @@ def _toy_splits(cfg: R1ZeroConfig) -> tuple[list[dict], list[dict]]:
 
 def base_cache_key(cfg: R1ZeroConfig) -> str:
     """What the cached base model depends on: its settings and the seed, not where the cache lives."""
-    what = (dataclasses.replace(cfg.base, cache_dir=""), cfg.seed)
-    return hashlib.sha256(repr(what).encode()).hexdigest()[:12]
+    return _toy_base.cache_key(cfg.base, cfg.seed)
 
 
 def toy_base_stage(ctx: Context, policy: Policy | None, *, cfg: R1ZeroConfig, train_problems: list[dict]) -> Policy:
     """Pretrain the small base model on the built-in task's mixed corpus; cached by settings."""
-    cache = os.path.join(cfg.base.cache_dir, f"toy_base-{base_cache_key(cfg)}")
-    if os.path.exists(os.path.join(cache, "config.json")):
-        print(f"[r1jax] toy_base: reusing the cached base model in {cache}")
-        return load_policy(cache, ctx)
-    corpus = toy.base_corpus(cfg.base.task, train_problems, seed=cfg.seed + 1)
-    tokenizer = train_sentencepiece([p + c for p, c in corpus[:5000]], None, cfg.base.vocab_size,
-                                    max_piece_length=128, split_by_whitespace=False,
-                                    split_by_unicode_script=False)
-    mcfg = ModelConfig.preset(cfg.base.model).replace(vocab_size=cfg.base.vocab_size,
-                                                      **ctx.model_overrides)
-    policy = Policy(mcfg, create_model(mcfg, mesh=ctx.mesh, seed=ctx.seed), tokenizer)
-    policy = sft.sft_stage(ctx, policy, corpus, cfg.base.pretrain, name="toy_base", seed=cfg.seed)
-    tmp = cache + ".tmp"
-    save_policy(policy, tmp)
-    if jax.process_index() == 0:
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
-    return policy
+    return _toy_base.pretrain(
+        ctx, name="toy_base", cache=os.path.join(cfg.base.cache_dir, f"toy_base-{base_cache_key(cfg)}"),
+        corpus=toy.base_corpus(cfg.base.task, train_problems, seed=cfg.seed + 1), preset=cfg.base.model,
+        vocab_size=cfg.base.vocab_size, cfg=cfg.base.pretrain, seed=cfg.seed)
 
 
 def _rewards() -> RewardSet:
@@ -148,81 +111,25 @@ def _rewards() -> RewardSet:
     return RewardSet([Reward("accuracy", accuracy_reward, 1.0), Reward("format", format_reward, 1.0)])
 
 
-def stages(cfg: R1ZeroConfig) -> list:
+def evaluation(cfg: R1ZeroConfig) -> Evaluation:
+    """The held-out split: `data.eval`, or the built-in task's; `python -m r1jax eval` uses it too."""
+    if cfg.model == "toy" or not cfg.data.eval:
+        records = _toy_splits(cfg)[1] if cfg.model == "toy" else []
+    else:
+        records = _read(cfg.data.eval, cfg.data)
+    return Evaluation(cfg.eval, records[: cfg.eval.num_prompts], r1_zero_prompt, cfg.rl.max_prompt_len)
+
+
+def stages(cfg: R1ZeroConfig) -> list[Stage]:
     if cfg.model == "toy":
-        train_records, eval_records = _toy_splits(cfg)
-        pipeline = [("toy_base", functools.partial(toy_base_stage, cfg=cfg, train_problems=train_records))]
+        train_records = _toy_splits(cfg)[0]
+        base = Stage("toy_base", functools.partial(toy_base_stage, cfg=cfg, train_problems=train_records),
+                     start_from=None)
     else:
         if not cfg.model or not cfg.data.train:
             raise SystemExit("set model=<HF folder> and data=<.jsonl/.parquet> (data.train=...)")
         train_records = _read(cfg.data.train, cfg.data)
-        eval_records = _read(cfg.data.eval, cfg.data) if cfg.data.eval else []
-        pipeline = [("load", lambda ctx, _: load_policy(cfg.model, ctx, cfg.tokenizer))]
-    eval_records = eval_records[: cfg.eval.num_prompts]
-    grpo = functools.partial(grpo_stage, name="grpo", cfg=cfg.rl, eval_cfg=cfg.eval, train_records=train_records,
-                             eval_records=eval_records, rewards=_rewards(), render=r1_zero_prompt)
-    return pipeline + [("grpo", grpo)]
-
-
-def train(cfg: R1ZeroConfig, *, stop=None) -> int:
-    """Run (or resume) every stage. `stop`: an object whose `stop_everywhere()` says when
-    to checkpoint and leave; by default SIGTERM sets it (TPU preemption)."""
-    overrides = {"param_dtype": cfg.param_dtype, "dtype": cfg.dtype, "remat": cfg.remat}
-    with contextlib.ExitStack() as scope:
-        stop = stop if stop is not None else scope.enter_context(graceful_sigterm())
-        ctx = make_context(cfg.run_dir, cfg.mesh, cfg.seed, overrides, stop)
-        cfg.rl.check_mesh(ctx.mesh)  # before any compute (the base stage included)
-        print(f"[r1jax] run dir: {os.path.abspath(cfg.run_dir)}")
-        print("[r1jax] resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in config_lib.flatten(cfg).items()))
-        if jax.process_index() == 0:
-            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-                f.write(config_lib.to_json(cfg))
-        try:
-            run_stages(ctx, stages(cfg))
-        except Preempted as e:
-            print(f"[r1jax] {e}")
-            return 0
-        except (NonFiniteError, CheckpointError) as e:
-            print(f"[r1jax] error: {e}", file=sys.stderr)
-            return 1
-        finally:
-            ctx.logger.close()
-    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if jax.process_index() == 0:
-        plot_run(metrics_path, os.path.join(cfg.run_dir, "reward.png"))
-        evals = read_metrics(metrics_path, kind="eval")
-        print(before_after_table(evals) if evals else "[r1jax] no evaluations were run (eval.every=0 or no eval data)")
-        print(f"[r1jax] final checkpoint: {os.path.abspath(os.path.join(cfg.run_dir, 'grpo', 'final'))}")
-        print(f"[r1jax] run dir: {os.path.abspath(cfg.run_dir)}")
-    return 0
-
-
-def evaluate(cfg: R1ZeroConfig) -> int:
-    """Evaluate `model=` (an HF folder), or this run's final policy, on the eval split."""
-    import json
-
-    from r1jax.evaluate import evaluate as run_eval
-    from r1jax.sampler import SamplerConfig
-
-    path = cfg.model if os.path.isdir(cfg.model) else os.path.join(cfg.run_dir, "grpo", "final")
-    if not os.path.isdir(path):
-        raise SystemExit(f"nothing to evaluate: {path} does not exist (train first, or set model=<HF folder>)")
-    overrides = {"param_dtype": cfg.param_dtype, "dtype": cfg.dtype, "remat": cfg.remat}
-    with graceful_sigterm() as stop:
-        ctx = make_context(cfg.run_dir, cfg.mesh, cfg.seed, overrides, stop)
-        policy = load_policy(path, ctx, cfg.tokenizer)
-        if cfg.data.eval:
-            records = _read(cfg.data.eval, cfg.data)
-        else:
-            records = _toy_splits(cfg)[1]
-        records = records[: cfg.eval.num_prompts]
-        scfg = SamplerConfig(max_prompt_len=cfg.rl.max_prompt_len, max_new_tokens=cfg.eval.max_new_tokens,
-                             stop_ids=tuple(policy.tokenizer.stop_ids), pad_id=policy.tokenizer.pad_id)
-        policy.model.act_sharding = None
-        metrics, samples = run_eval(policy.model, records, r1_zero_prompt, policy.tokenizer, cfg.eval, scfg,
-                                    jax.random.key(cfg.seed + 1))
-        ctx.logger.close()
-    print(json.dumps({"model": path, "prompts": len(records), **metrics}, indent=2))
-    for s in samples[:2]:
-        print(f"--- {s['prompt']!r} -> {s['completion']!r} (accuracy {s['accuracy']})")
-    return 0
+        base = Stage("load", lambda ctx, _: load_policy(cfg.model, ctx, cfg.tokenizer), start_from=None, keep=False)
+    grpo = functools.partial(grpo_stage, name="grpo", cfg=cfg.rl, train_records=train_records, rewards=_rewards(),
+                             render=r1_zero_prompt, evaluation=evaluation(cfg))
+    return [base, Stage("grpo", grpo)]

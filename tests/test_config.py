@@ -5,6 +5,7 @@ import re
 import pytest
 
 from r1jax import config as config_lib
+from r1jax import run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,4 +91,4 @@ def test_real_recipe_config_suggests_the_nested_key():
     from recipes import r1_zero
 
     with pytest.raises(ValueError, match=r"^unknown setting 'group_size' \(did you mean rl\.group_size\?\)"):
-        r1_zero.config(None, ["group_size=8"])
+        run.config(r1_zero, None, ["group_size=8"])

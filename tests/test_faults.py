@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from r1jax import grpo, sampler, sharding, train
+from r1jax import grpo, run, sampler, sharding, train
 from r1jax.metrics import read_metrics
 from r1jax.model import ModelConfig, create_model
 from r1jax.rewards import Reward, RewardSet
@@ -24,7 +24,7 @@ def shared(tmp_path_factory):
     """The uninterrupted run every interrupted one must equal, and the base-model cache they share."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = _cfg(tmp, "full")
-    assert r1_zero.train(cfg) == 0
+    assert run.train(r1_zero, cfg) == 0
     return _records(cfg.run_dir), f"base.cache_dir={tmp / 'cache'}"
 
 
@@ -43,10 +43,10 @@ def test_stop_inside_evaluation_saves_and_resumes_exactly(tmp_path, shared):
     reference, cache = shared
     cfg = _cfg(tmp_path, "run", [cache])
     # The signal lands on the evaluation after step 2 (the poll after the step's own check).
-    assert r1_zero.train(cfg, stop=StopAfter(cfg.run_dir, 2, poll=2)) == 0
+    assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 2, poll=2)) == 0
     first = _records(cfg.run_dir)
     assert _steps(first, "train") == [1, 2] and _steps(first, "eval") == [0]
-    assert r1_zero.train(cfg) == 0  # runs the cut evaluation at step 2 first, then steps 3-4
+    assert run.train(r1_zero, cfg) == 0  # runs the cut evaluation at step 2 first, then steps 3-4
     assert _records(cfg.run_dir) == reference
 
 
@@ -56,36 +56,36 @@ def test_stop_inside_generation_saves_the_steps_before_it(tmp_path, shared, monk
     cfg = _cfg(tmp_path, "run", [cache])
     # After step 1 (no checkpoint or evaluation due): poll 1 is the step's own check, poll 2 lands
     # inside step 2's generation, which is abandoned; the checkpoint holds step 1 and its data position.
-    assert r1_zero.train(cfg, stop=StopAfter(cfg.run_dir, 1, poll=2)) == 0
+    assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 1, poll=2)) == 0
     assert _steps(_records(cfg.run_dir), "train") == [1]
     assert sorted(os.listdir(os.path.join(cfg.run_dir, "grpo", "checkpoints"))) == ["1"]
-    assert r1_zero.train(cfg) == 0
+    assert run.train(r1_zero, cfg) == 0
     assert _records(cfg.run_dir) == reference
 
 
 def test_stop_at_the_last_step_runs_the_final_evaluation_on_resume(tmp_path, shared):
     reference, cache = shared
     cfg = _cfg(tmp_path, "run", [cache])
-    assert r1_zero.train(cfg, stop=StopAfter(cfg.run_dir, 4)) == 0
+    assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 4)) == 0
     first = _records(cfg.run_dir)
     assert _steps(first, "train") == [1, 2, 3, 4] and _steps(first, "eval") == [0, 2]
-    assert r1_zero.train(cfg) == 0  # resumes at the last step: only the final evaluation is left
+    assert run.train(r1_zero, cfg) == 0  # resumes at the last step: only the final evaluation is left
     assert _records(cfg.run_dir) == reference
-    assert r1_zero.train(cfg) == 0  # all done: nothing runs again
+    assert run.train(r1_zero, cfg) == 0  # all done: nothing runs again
     assert _records(cfg.run_dir) == reference
 
 
 def test_killed_attempt_leaves_each_step_once_on_disk(tmp_path, shared):
     reference, cache = shared
     cfg = _cfg(tmp_path, "run", [cache])
-    assert r1_zero.train(cfg, stop=StopAfter(cfg.run_dir, 4)) == 0
+    assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 4)) == 0
     # As if killed after logging step 4 and its evaluation but before the step-4 checkpoint landed:
     # the newest checkpoint is step 2, and the file holds steps 3-4 that the resume re-logs.
     ckpts = os.path.join(cfg.run_dir, "grpo", "checkpoints")
     os.rename(os.path.join(ckpts, "4"), os.path.join(tmp_path, "moved-away"))
     with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
         lines = f.readlines()
-    assert r1_zero.train(cfg) == 0
+    assert run.train(r1_zero, cfg) == 0
     raw = read_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"), dedupe=False)
     keys = [(r["kind"], r["stage"], r["step"]) for r in raw]
     assert len(keys) == len(set(keys)) and len(lines) < len(raw)
@@ -109,7 +109,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, shared, caps
     monkeypatch.setattr(grpo, "group_advantages", poisoned)
     monkeypatch.setattr(r1_zero, "_rewards", _length_rewards)
     cfg = _cfg(tmp_path, "run", [cache, "rl.max_nonfinite_steps=2", "rl.checkpoint_every=1", "eval.every=0"])
-    assert r1_zero.train(cfg) == 1
+    assert run.train(r1_zero, cfg) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "last good checkpoint, step 2" in err
     train_records = [r for r in _records(cfg.run_dir) if r["kind"] == "train"]
@@ -122,7 +122,7 @@ def test_kl_to_the_reference_is_zero_then_grows(tmp_path, shared, monkeypatch):
     monkeypatch.setattr(r1_zero, "_rewards", _length_rewards)
     cfg = _cfg(tmp_path, "run", [cache, "rl.kl_coef=0.01", "rl.optim.warmup_steps=0", "rl.optim.lr=1e-3",
                                  "rl.minibatches=1", "rl.steps=2", "eval.every=0"])
-    assert r1_zero.train(cfg) == 0
+    assert run.train(r1_zero, cfg) == 0
     kl = [r["kl"] for r in _records(cfg.run_dir) if r["kind"] == "train"]
     # Step 1 is scored against the reference it starts from; by step 2 the policy has moved off it.
     assert kl[0] < 1e-7 and kl[1] > 1e-5
@@ -174,7 +174,7 @@ def test_sft_step_skips_a_non_finite_update():
 ])
 def test_bad_settings_fail_when_parsed_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message) as info:
-        r1_zero.config(None, overrides)
+        run.config(r1_zero, None, overrides)
     assert str(info.value).startswith(overrides[0])
     assert "greedy" not in str(info.value)  # no setting of that name exists for RL
 
@@ -183,26 +183,26 @@ def test_batch_that_does_not_split_fails_before_any_compute(tmp_path):
     # 3 prompts x 4 = 12 rows into 2 minibatches over data x fsdp = 4 devices.
     cfg = _cfg(tmp_path, "run", ["rl.prompts_per_step=3"])
     with pytest.raises(ValueError, match=r"12 rows do not split .* 2 parts .* 4 devices"):
-        r1_zero.train(cfg)
+        run.train(r1_zero, cfg)
     assert not os.path.exists(tmp_path / "cache") and not os.path.exists(os.path.join(cfg.run_dir, "toy_base"))
 
 
 def test_base_cache_key_ignores_where_the_cache_lives():
-    a = r1_zero.config(None, ["base.cache_dir=/a"])
-    b = r1_zero.config(None, ["base.cache_dir=/b"])
-    c = r1_zero.config(None, ["base.cache_dir=/a", "base.corpus_size=10"])
+    a = run.config(r1_zero, None, ["base.cache_dir=/a"])
+    b = run.config(r1_zero, None, ["base.cache_dir=/b"])
+    c = run.config(r1_zero, None, ["base.cache_dir=/a", "base.corpus_size=10"])
     assert r1_zero.base_cache_key(a) == r1_zero.base_cache_key(b) != r1_zero.base_cache_key(c)
 
 
 def test_unreadable_newest_checkpoint_resumes_from_the_previous_one(tmp_path, shared, capsys):
     reference, cache = shared
     cfg = _cfg(tmp_path, "run", [cache])
-    assert r1_zero.train(cfg, stop=StopAfter(cfg.run_dir, 4)) == 0  # checkpoints at steps 2 and 4
+    assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 4)) == 0  # checkpoints at steps 2 and 4
     ckpts = os.path.join(cfg.run_dir, "grpo", "checkpoints")
     data = max(glob.glob(os.path.join(ckpts, "4", "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
     os.truncate(data, os.path.getsize(data) // 2)
     capsys.readouterr()
-    assert r1_zero.train(cfg) == 0
+    assert run.train(r1_zero, cfg) == 0
     out = capsys.readouterr().out
     assert f"checkpoint step 4 in {ckpts} is unreadable" in out and "resumed at step 2" in out
     assert _records(cfg.run_dir) == reference
@@ -233,18 +233,18 @@ def test_failed_save_stops_the_run_at_once_keeping_the_previous_checkpoint(tmp_p
     reference, cache = shared
     cfg = _cfg(tmp_path, "run", [cache, "rl.checkpoint_every=1"])
     ckpts = os.path.join(cfg.run_dir, "grpo", "checkpoints")
-    assert r1_zero.train(cfg, stop=BreakDiskAfter(cfg.run_dir, 2, ckpts, monkeypatch)) == 1
+    assert run.train(r1_zero, cfg, stop=BreakDiskAfter(cfg.run_dir, 2, ckpts, monkeypatch)) == 1
     err = capsys.readouterr().err
     assert err.count("checkpoint save of step 2") == 1 and "No space left on device" in err
     assert "the last good checkpoint is step 1" in err
     assert _steps(_records(cfg.run_dir), "train")[-1] <= 3  # stopped within a step of the failure
     monkeypatch.undo()
-    assert r1_zero.train(cfg) == 0  # the disk is back: resumes from step 1
+    assert run.train(r1_zero, cfg) == 0  # the disk is back: resumes from step 1
     assert _records(cfg.run_dir) == reference
 
 
 def test_dual_clip_and_log_ratio_clamp_reach_the_update():
-    rl = r1_zero.config(None, ["rl.dual_clip=3", "rl.log_ratio_clamp=0.5"]).rl
+    rl = run.config(r1_zero, None, ["rl.dual_clip=3", "rl.log_ratio_clamp=0.5"]).rl
     assert (rl.hyper().dual_clip, rl.hyper().log_ratio_clamp) == (3.0, 0.5)
     _, state = _tiny_state(optax.sgd(0.0))
     B, Tp, T = 8, 4, 3

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import GSM8K_DIR
 from r1jax import config as config_lib
+from r1jax import run
 from r1jax.cli import main as cli_main
 from r1jax.metrics import read_metrics
 from recipes import r1_zero
@@ -18,11 +19,11 @@ TINY = [
     "rl.checkpoint_every=2", "eval.every=2", "eval.num_prompts=8", "eval.samples=2",
     "eval.max_new_tokens=24", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
 ]
-TIMING = ("time_sample_s", "time_reward_s", "time_train_s", "tokens_per_s")
+TIMING = ("time_rollout_s", "time_train_s", "tokens_per_s")
 
 
 def _cfg(tmp_path, name, extra=()):
-    return r1_zero.config(None, TINY + [f"run_dir={tmp_path / name}", f"base.cache_dir={tmp_path / 'cache'}",
+    return run.config(r1_zero, None, TINY + [f"run_dir={tmp_path / name}", f"base.cache_dir={tmp_path / 'cache'}",
                                         *extra])
 
 
@@ -46,7 +47,7 @@ class StopAfter:
 
 def test_pulse_and_exact_resume(tmp_path):
     full = _cfg(tmp_path, "full")
-    assert r1_zero.train(full) == 0
+    assert run.train(r1_zero, full) == 0
     records = _records(full.run_dir)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -62,17 +63,17 @@ def test_pulse_and_exact_resume(tmp_path):
 
     # Stopped after step 2 (as by SIGTERM), then the same command again: same metrics, bitwise.
     resumed = _cfg(tmp_path, "resumed")
-    assert r1_zero.train(resumed, stop=StopAfter(resumed.run_dir, 2)) == 0
+    assert run.train(r1_zero, resumed, stop=StopAfter(resumed.run_dir, 2)) == 0
     assert [r["step"] for r in _records(resumed.run_dir) if r["kind"] == "train"] == [1, 2]
-    assert r1_zero.train(resumed) == 0
+    assert run.train(r1_zero, resumed) == 0
     assert _records(resumed.run_dir) == records
     # Everything done: a third run skips all stages.
-    assert r1_zero.train(resumed) == 0
+    assert run.train(r1_zero, resumed) == 0
     assert _records(resumed.run_dir) == records
 
 
 def test_config_round_trips_through_the_cli(tmp_path, capsys):
-    cfg = r1_zero.config("paper", ["rl.group_size=8", "rl.clip_high=0.28", "eval.samples=2", "model=/x",
+    cfg = run.config(r1_zero, "paper", ["rl.group_size=8", "rl.clip_high=0.28", "eval.samples=2", "model=/x",
                                    "mesh.tensor=4", "base.task.mix=(0.5,0.25,0.25)"])
     assert cfg.rl.group_size == 8 and cfg.rl.clip_low == 10.0 and cfg.mesh.tensor == 4
     back = config_lib.from_dict(r1_zero.R1ZeroConfig, json.loads(config_lib.to_json(cfg)))
@@ -82,9 +83,9 @@ def test_config_round_trips_through_the_cli(tmp_path, capsys):
     for key in config_lib.flatten(cfg):
         assert key in out
     with pytest.raises(ValueError, match="unknown setting"):
-        r1_zero.config(None, ["rl.group_sise=8"])
+        run.config(r1_zero, None, ["rl.group_sise=8"])
     with pytest.raises(ValueError, match="choose from"):
-        r1_zero.config(None, ["rl.kl_kind=k4"])
+        run.config(r1_zero, None, ["rl.kl_kind=k4"])
 
 
 def test_paper_preset_is_the_published_recipe():
@@ -118,12 +119,12 @@ def _tiny_hf_folder(path):
 def test_hf_folder_with_gsm8k_runs_two_steps(tmp_path):
     folder = str(tmp_path / "tiny-qwen2")
     _tiny_hf_folder(folder)
-    cfg = r1_zero.config(None, [
+    cfg = run.config(r1_zero, None, [
         f"model={folder}", f"data.train={GSM8K_DIR}/train.jsonl",
         f"run_dir={tmp_path / 'run'}", "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2",
         "rl.max_prompt_len=1024", "rl.max_new_tokens=8", "rl.kl_coef=0.001", "eval.num_prompts=2",
         "eval.samples=2", "eval.max_new_tokens=8", "rl.minibatches=1", "mesh.data=2", "mesh.tensor=4"])
-    assert r1_zero.train(cfg) == 0
+    assert run.train(r1_zero, cfg) == 0
     records = _records(cfg.run_dir)
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
