@@ -181,11 +181,11 @@ def sample_groups(model, take, n: int, key, cfg: RLConfig, scfg: sampler.Sampler
                   scored.routed, counts), too_long
 
 
-def collect_step(model, stream, key, cfg: RLConfig, scfg, tok, render, rewards, step: int, poll) -> tuple[Groups, dict]:
+def collect_step(model, take, key, cfg: RLConfig, scfg, tok, render, rewards, step: int, poll) -> tuple[Groups, dict]:
     """One step's P groups: sample -> decode -> score, and with dynamic sampling keep only groups whose task
     rewards differ, sampling more prompts until P are kept (at most max_sampling_rounds calls)."""
     P, G = cfg.prompts_per_step, cfg.group_size
-    groups, too_long = sample_groups(model, stream.take, P, jax.random.fold_in(key, 0), cfg, scfg, tok, render,
+    groups, too_long = sample_groups(model, take, P, jax.random.fold_in(key, 0), cfg, scfg, tok, render,
                                      rewards, step, poll)
     stats = {"prompts_too_long": too_long}
     if not cfg.dynamic_sampling:
@@ -201,7 +201,7 @@ def collect_step(model, stream, key, cfg: RLConfig, scfg, tok, render, rewards, 
         dropped = bad if dropped is None else _join(dropped, bad)
         if len(kept.records) >= P or rounds == cfg.max_sampling_rounds:
             break
-        groups, skipped = sample_groups(model, stream.take, P, jax.random.fold_in(key, rounds), cfg, scfg, tok,
+        groups, skipped = sample_groups(model, take, P, jax.random.fold_in(key, rounds), cfg, scfg, tok,
                                         render, rewards, step, poll)
         stats["prompts_too_long"] += skipped
     short = max(P - len(kept.records), 0)
@@ -291,8 +291,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         data_state = stream.get_state()
         step_key = jax.random.fold_in(key, step)
         try:
-            groups, sample_stats = collect_step(sharding.for_sampling(state.model(), mesh), stream, step_key, cfg,
-                                                scfg, tok, render, rewards, step, ctx.poll)
+            groups, sample_stats = collect_step(sharding.for_sampling(state.model(), mesh), stream.take, step_key,
+                                                cfg, scfg, tok, render, rewards, step, ctx.poll)
         except Preempted:
             keep_progress(step, data_state)
             raise
