@@ -23,6 +23,7 @@ from r1jax.rewards.model_based import make_model_reward
 from r1jax.rewards.template import R1_TAGS, Tags
 from r1jax.safetensors_io import SafetensorsFolder, write_safetensors
 from r1jax.sharding import ActivationSharding
+from r1jax.tokenizer import load_tokenizer
 from r1jax.train import TrainState, apply_if_finite
 
 SEQ_CLS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
@@ -232,6 +233,22 @@ def rm_step(state: TrainState, batch: PreferenceBatch):
 
 # --- Scoring text -----------------------------------------------------------------------------------
 
+def encode_for_scoring(tokenizer, texts: Sequence[str], max_len: int, *, add_bos: bool = True) -> list[list[int]]:
+    """Token rows as a reward model reads them, in training (`reward_model_stage`) and scoring (`Scorer`)
+    alike: BOS (when `add_bos` and the tokenizer has one, as transformers' tokenizer call adds it), then the
+    text's LAST tokens, max_len in all, since the final answer is what is judged; an empty row is one pad."""
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    keep = max_len - len(bos)
+    rows = [bos + ids[max(len(ids) - keep, 0):] for ids in tokenizer.encode_batch(list(texts))]
+    return [row or [tokenizer.pad_id] for row in rows]
+
+
+def bucket_len(length: int, *, min_len: int, max_len: int) -> int:
+    """The padded width of a batch whose longest row has `length` tokens: the next power of two, within
+    [min_len, max_len], so a run compiles a handful of shapes."""
+    return min(max_len, max(min_len, 1 << max(length - 1, 0).bit_length()))
+
+
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _score_rows(graphdef, state, tokens_BxS, mask_BxS):
     return nnx.merge(graphdef, state)(tokens_BxS, mask_BxS)
@@ -258,15 +275,13 @@ class Scorer:
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer, self.mesh, self.rules = tokenizer, mesh, rules
         self.batch_size, self.max_len, self.min_len = batch_size, max_len, min(min_len, max_len)
-        self.bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+        self.add_bos = add_bos
 
     def bucket(self, length: int) -> int:
-        return min(self.max_len, max(self.min_len, 1 << max(length - 1, 0).bit_length()))
+        return bucket_len(length, min_len=self.min_len, max_len=self.max_len)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        keep = self.max_len - len(self.bos)
-        rows = [self.bos + ids[max(len(ids) - keep, 0):] for ids in self.tokenizer.encode_batch(list(texts))]
-        return [row or [self.tokenizer.pad_id] for row in rows]
+        return encode_for_scoring(self.tokenizer, texts, self.max_len, add_bos=self.add_bos)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         rows = self.encode(texts)
@@ -303,3 +318,26 @@ def as_reward(scorer: Callable[[list[str]], np.ndarray], view: Literal["answer",
     the whole completion, reasoning included (view="full": harmlessness)."""
     return make_model_reward(lambda prompts, texts: scorer([render(p, t) for p, t in zip(prompts, texts)]),
                              view=view, tags=tags, transform=transform)
+
+
+def reward_inputs(prompts: Sequence[str], responses: Sequence[str], view: Literal["answer", "full"] = "answer", *,
+                  render: Callable[[str, str], str] = render_plain, tags: Tags = R1_TAGS) -> list[str]:
+    """The texts `as_reward(scorer, view, render=render, tags=tags)` shows its scorer for these responses.
+    Reward-model training renders its inputs through this very call, so what a model is trained on and
+    what it is later shown cannot drift apart."""
+    shown: list[str] = []
+
+    def record(texts):
+        shown.extend(texts)
+        return np.zeros(len(texts), np.float32)
+
+    as_reward(record, view, render=render, tags=tags)(list(responses), [{"prompt": p} for p in prompts])
+    return shown
+
+
+def load_scorer(path: str, mesh: jax.sharding.Mesh, *, batch_size: int, max_len: int,
+                dtype: DTypeLike = "float32") -> Scorer:
+    """A Scorer over a reward-model folder (weights + tokenizer, as `reward_model_stage` writes), its
+    weights read straight onto the sampling rules' shards."""
+    _, rm = load_reward_model(path, dtype, mesh=mesh, rules=sharding.SAMPLE_RULES)
+    return Scorer(rm, load_tokenizer(path), mesh, batch_size, max_len)
