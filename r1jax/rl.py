@@ -220,7 +220,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
     """Run `cfg.steps` GRPO steps from `policy`; resumes from the stage's last readable checkpoint.
 
     Evaluations run at step 0 (unless `evaluate_start` is False: the policy was just evaluated by the
-    stage before), every `evaluation.cfg.every` steps and at the end (none without an enabled evaluation); one that a stop or a crash cut short runs again on resume. SIGTERM is
+    stage before), every `evaluation.cfg.every` steps and at the end (none without an enabled evaluation);
+    one that a stop or a crash cut short runs again on resume. SIGTERM is
     polled between steps, evaluation batches and decode segments; the loop saves and leaves.
     """
     cfg.check_mesh(ctx.mesh)

@@ -220,6 +220,9 @@ def run_stages(ctx: Context, stages: list, start_at: str = "") -> Policy | None:
             record["outputs"][stage.name] = "input"
             out = policy
         else:
+            # A stage that trained its input donated the input's buffers: a later stage starting from the
+            # same output gets it again from disk (or from its loader).
+            outputs.pop(inputs[stage.name], None)
             save_policy(out, ctx.final_dir(stage.name))
             record["outputs"][stage.name] = "final"
         outputs[stage.name] = last = out
@@ -302,7 +305,8 @@ def evaluate(recipe, cfg: RunConfig, model: str = "") -> int:
     policy, on the recipe's evaluation (`recipe.evaluation(cfg)`); prints the metrics as JSON."""
     path = model or (cfg.model if os.path.isdir(getattr(cfg, "model", "")) else "")
     if not path:
-        finals = [s.name for s in map(_as_stage, recipe.stages(cfg)) if os.path.isdir(os.path.join(cfg.run_dir, s.name, "final"))]
+        stages = [_as_stage(s) for s in recipe.stages(cfg)]
+        finals = [s.name for s in stages if os.path.isdir(os.path.join(cfg.run_dir, s.name, "final"))]
         if not finals:
             raise SystemExit(f"nothing to evaluate in {cfg.run_dir} (train first, or set model=<HF folder>)")
         path = os.path.join(cfg.run_dir, finals[-1], "final")
