@@ -42,11 +42,12 @@ class PackedBatches:
     opens the next one. The state is where the current window began (the source's state and the
     counts) plus the batches already emitted, so a resumed stream re-packs that window and goes
     on exactly as the original did. More rows per window pad less and pack examples further
-    from their neighbours in the source's order.
+    from their neighbours in the source's order. With `pack=False` every example opens a row of its
+    own (one example per row, the rest padding).
     """
 
     def __init__(self, source: ExampleSource, *, seq_len: int, batch_size: int, window_batches: int = 4,
-                 too_long: Literal["truncate", "drop"] = "truncate", pad_id: int = 0):
+                 too_long: Literal["truncate", "drop"] = "truncate", pad_id: int = 0, pack: bool = True):
         if too_long not in ("truncate", "drop"):
             raise ValueError(f"too_long={too_long!r}: choose from ['truncate', 'drop']")
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window_batches", window_batches)):
@@ -54,6 +55,7 @@ class PackedBatches:
                 raise ValueError(f"{name}={value} must be >= 1")
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
         self.rows, self.too_long, self.pad_id = window_batches * batch_size, too_long, pad_id
+        self.pack = pack
         self.stats = PackStats()
         self._reset()
 
@@ -91,7 +93,7 @@ class PackedBatches:
         used = np.zeros(self.rows, np.int64)
         while True:
             tokens, loss = self._carry[2]
-            fits = np.flatnonzero(used[: len(bins)] + len(tokens) <= self.seq_len)
+            fits = np.flatnonzero(used[: len(bins)] + len(tokens) <= self.seq_len) if self.pack else []
             if len(fits):
                 row = int(fits[0])
             elif len(bins) < self.rows:

@@ -338,6 +338,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
             **{k: float(v) for k, v in update_metrics.items()},
             **{f"reward/{k}/mean": _routed_mean(groups, k) for k in groups.scores},
             **{f"reward/{k}": v for k, v in groups.counts.items()},
+            **{f"reward/{r.name}/weight": r.weight_at(step) for r in rewards.rewards},
             "time_rollout_s": t1 - t0, "time_train_s": t2 - t1,
             "tokens_per_s": float(lengths.sum() / max(t2 - t0, 1e-9)),
         }

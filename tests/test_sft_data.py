@@ -87,15 +87,13 @@ def test_chat_loss_covers_assistant_messages_and_their_end_of_turn_only(family):
             ExampleStream([{"messages": CHAT}], tok, seed=0, read_threads=0).next()
 
 
-def test_pairs_render_as_prompt_completion_eos_like_tokenize_pairs(toy_tokenizer):
-    from r1jax.sft import tokenize_pairs
-
+def test_pairs_render_as_prompt_completion_eos(toy_tokenizer):
     pairs = [("Compute 12 + 30.", " It is 42."), ("What is x?", " x = 7")]
-    tokens, mask, loss_mask = tokenize_pairs(pairs, toy_tokenizer, max_len=40)
-    for i, (prompt, completion) in enumerate(pairs):
+    for prompt, completion in pairs:
         ex = render_record({"prompt": prompt, "completion": completion}, toy_tokenizer)
-        n = int(mask[i].sum())
-        assert ex.tokens.tolist() == tokens[i, :n].tolist() and ex.loss_mask.tolist() == loss_mask[i, :n].tolist()
+        p = toy_tokenizer.encode(prompt, add_bos=True)
+        c = toy_tokenizer.encode(completion) + [toy_tokenizer.eos_id]
+        assert ex.tokens.tolist() == p + c and ex.loss_mask.tolist() == [False] * len(p) + [True] * len(c)
         assert ex.tokens[-1] == toy_tokenizer.eos_id and toy_tokenizer.chat_template is None
 
 
