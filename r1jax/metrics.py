@@ -236,9 +236,9 @@ def _fmt_duration(seconds: float) -> str:
 
 def _summary(metrics: dict) -> str:
     parts = []
-    for key, label, pct in (("reward_mean", "reward", False), ("accuracy", "acc", True),
+    for key, label, pct in (("loss", "loss", False), ("reward_mean", "reward", False), ("accuracy", "acc", True),
                             ("format_rate", "fmt", True), ("completion_len_mean", "len", False)):
-        if key in metrics and metrics[key] is not None:
+        if key in metrics and metrics[key] is not None and not (key == "loss" and "reward_mean" in metrics):
             v = float(metrics[key])
             parts.append(f"{label} {v:.1%}" if pct else f"{label} {v:.3g}")
     return " ".join(parts)

@@ -271,7 +271,8 @@ def sft_stage(ctx, policy, data, cfg: SFTConfig, *, name: str, seed: int, evalua
             finish(*pending)
         pending = (step + 1, metrics, pack_counts)
         stopping = ctx.stop.stop_everywhere()
-        if (step + 1) % cfg.checkpoint_every == 0 or stopping:
+        # The last step is saved too: a stop during the final evaluation must not cost the stage's training.
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps or stopping:
             finish(*pending)  # saving waits for this step anyway; its skip count goes into the checkpoint
             pending = None
             save(step + 1)

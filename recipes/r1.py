@@ -60,7 +60,8 @@ class ToyBaseConfig:
     general_eval_size: int = 64
     vocab_size: int = 1024  # 512 leaves English number words split into bytes (longer than Chinese)
     cache_dir: str = "runs/cache"
-    # Packed rows of 128 tokens hold ~2.3 examples: 450 steps see about as many as 1000 unpacked batches of 32.
+    # Packed rows of 128 tokens hold ~1.6 examples (~50 per step): 450 steps (~23k examples) take half the time
+    # of 1000 unpacked batches of 32 and gave a better base (R1-Zero task, step-0 pass@1 39.9% against 29.4%).
     pretrain: sft.SFTConfig = sft.SFTConfig(
         steps=450, batch_size=32, max_len=128, log_every=50, checkpoint_every=150,
         optim=OptimConfig(lr=3e-3, warmup_steps=30, schedule="cosine", weight_decay=0.01, b2=0.98))

@@ -92,6 +92,7 @@ def test_every_stage_has_a_pulse(full):
     assert record["done"] == ["toy_base", *STAGES]
 
 
+@pytest.mark.slow
 def test_stopped_inside_rejection_sampling_resumes_to_the_uninterrupted_run(full, tmp_path):
     cfg = _cfg(tmp_path, "resumed")
     first_batch = os.path.join("rejection_sampling", "samples-0-of-1.jsonl")
@@ -107,6 +108,7 @@ def test_stopped_inside_rejection_sampling_resumes_to_the_uninterrupted_run(full
     assert _read(os.path.join(cfg.run_dir, final)) == _read(os.path.join(full.run_dir, final))
 
 
+@pytest.mark.slow
 def test_start_at_reruns_the_tail_from_the_kept_outputs(full, tmp_path):
     import shutil
 
