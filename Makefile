@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 RECIPE ?= r1_zero
 ARGS ?=
 
@@ -10,11 +11,21 @@ ARGS ?=
 
 venv: $(STAMP)
 
+# `make train` needs only the runtime dependencies; torch and transformers come with the test extra.
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
 	@touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(TEST_STAMP)
+
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	@touch $(BENCH_STAMP)
 
 train: $(STAMP)
 	$(BIN)/python -m r1jax train --recipe $(RECIPE) $(ARGS)
@@ -26,15 +37,15 @@ eval: $(STAMP)
 # loadfile keeps each file's module fixtures (a reference run) in one worker.
 TEST_WORKERS ?= 2
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
 bench: bench-sampler
 
-bench-sampler: $(STAMP)
+bench-sampler: $(BENCH_STAMP)
 	$(BIN)/python -m r1jax.bench.sampler $(ARGS)
 
 clean:
