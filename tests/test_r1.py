@@ -62,6 +62,7 @@ def full(tmp_path_factory):
     return cfg
 
 
+@pytest.mark.slow  # ~3-4 min on 2 cores (eight stages compile their programs): make test-slow
 def test_every_stage_has_a_pulse(full):
     records = _records(full.run_dir)
     evals = {r["stage"]: r for r in records if r["kind"] == "eval"}  # the last evaluation of each stage
