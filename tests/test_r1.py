@@ -44,15 +44,14 @@ def _read(path):
 
 
 class StopInside:
-    """Stands in for SIGTERM: set once `stage`'s folder holds `path`, `polls` polls later."""
+    """Stands in for SIGTERM: set once the file `path` holds `lines` lines (the generation stage creates its
+    shard before the first batch and appends a batch's lines at a time)."""
 
-    def __init__(self, run_dir, path, polls=1):
-        self.path, self.polls, self.seen = os.path.join(run_dir, path), polls, 0
+    def __init__(self, run_dir, path, lines):
+        self.path, self.lines = os.path.join(run_dir, path), lines
 
     def stop_everywhere(self):
-        if os.path.exists(self.path):
-            self.seen += 1
-        return self.seen >= self.polls
+        return os.path.exists(self.path) and len(_read(self.path).splitlines()) >= self.lines
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +96,7 @@ def test_every_stage_has_a_pulse(full):
 def test_stopped_inside_rejection_sampling_resumes_to_the_uninterrupted_run(full, tmp_path):
     cfg = _cfg(tmp_path, "resumed")
     first_batch = os.path.join("rejection_sampling", "samples-0-of-1.jsonl")
-    assert run.train(r1, cfg, stop=StopInside(cfg.run_dir, first_batch)) == 0
+    assert run.train(r1, cfg, stop=StopInside(cfg.run_dir, first_batch, lines=8)) == 0
     done = json.load(open(os.path.join(cfg.run_dir, run.STAGES_FILE)))["done"]
     assert done == ["toy_base", "cold_start", "reasoning_rl", "ablation_r1_zero"]
     assert len(_read(os.path.join(cfg.run_dir, first_batch)).splitlines()) == 8  # one batch of 4 prompts x 2
