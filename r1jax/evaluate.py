@@ -161,6 +161,7 @@ class Evaluation:
             totals.append(rollout.score(self.general_rewards, batch_texts,
                                         records[start : start + self.cfg.batch_prompts]).total_B)
             texts += batch_texts
-        samples = [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(np.concatenate(totals)[i])}
+        totals_B = np.concatenate(totals)
+        samples = [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(totals_B[i])}
                    for i in range(min(2, len(texts)))]
-        return float(np.concatenate(totals).mean()), samples
+        return float(totals_B.mean()), samples
