@@ -11,7 +11,6 @@ import numpy as np
 
 from r1jax import rollout, sampler, sharding
 from r1jax.rewards import R1_TAGS, Reward, RewardSet, accuracy_reward, final_answer, format_reward
-from r1jax.sharding import host_array
 from r1jax.tokenizer import Tokenizer
 
 
@@ -71,25 +70,22 @@ def evaluate(model, records: list[dict], render, tokenizer: Tokenizer, cfg: Eval
         if poll is not None:
             poll()
         batch = records[start : start + cfg.batch_prompts]
-        out = sampler.generate(model, prompts[start : start + cfg.batch_prompts], jax.random.fold_in(key, start),
-                               scfg, poll=poll)
-        tokens, mask = host_array(out.tokens_BxT), host_array(out.mask_BxT)
-        texts = tokenizer.decode_batch([t[m] for t, m in zip(tokens, mask)])
-        examples = [r for r in batch for _ in range(cfg.samples)]
-        scored = rollout.score(rewards, texts, examples)
-        acc, fmt = scored.scores["accuracy"], scored.scores["format"]
+        done = rollout.complete(model, batch, prompts[start : start + cfg.batch_prompts],
+                                jax.random.fold_in(key, start), scfg, tokenizer, rewards, poll=poll)
+        acc, fmt = done.scored.scores["accuracy"], done.scored.scores["format"]
         correct.append(acc)
         formatted.append(fmt)
         for name in extra:
-            extra[name].append(scored.scores[name])
-        lengths.append(mask.sum(axis=1))
-        answers = [final_answer(t, R1_TAGS) for t in texts]
+            extra[name].append(done.scored.scores[name])
+        lengths.append(done.lengths_B)
+        answers = [final_answer(t, R1_TAGS) for t in done.texts]
         for p in range(len(batch)):
             sl = slice(p * cfg.samples, (p + 1) * cfg.samples)
             majority.append(majority_correct(answers[sl], acc[sl]))
         if start == 0:
-            samples = [{"prompt": batch[i // cfg.samples]["prompt"], "completion": texts[i],
-                        "accuracy": float(acc[i])} for i in range(0, min(len(texts), 4 * cfg.samples), cfg.samples)]
+            samples = [{"prompt": batch[i // cfg.samples]["prompt"], "completion": done.texts[i],
+                        "accuracy": float(acc[i])}
+                       for i in range(0, min(len(done.texts), 4 * cfg.samples), cfg.samples)]
     correct, formatted, lengths = map(np.concatenate, (correct, formatted, lengths))
     metrics = {
         "eval_accuracy": float(correct.mean()),
@@ -154,13 +150,12 @@ class Evaluation:
         totals, texts = [], []
         for start in range(0, len(records), self.cfg.batch_prompts):
             poll()
-            out = sampler.generate(model, prompts[start : start + self.cfg.batch_prompts],
-                                   jax.random.fold_in(key, 1_000_003 + start), scfg, poll=poll)
-            tokens, mask = host_array(out.tokens_BxT), host_array(out.mask_BxT)
-            batch_texts = tokenizer.decode_batch([t[m] for t, m in zip(tokens, mask)])
-            totals.append(rollout.score(self.general_rewards, batch_texts,
-                                        records[start : start + self.cfg.batch_prompts]).total_B)
-            texts += batch_texts
+            done = rollout.complete(model, records[start : start + self.cfg.batch_prompts],
+                                    prompts[start : start + self.cfg.batch_prompts],
+                                    jax.random.fold_in(key, 1_000_003 + start), scfg, tokenizer,
+                                    self.general_rewards, poll=poll)
+            totals.append(done.scored.total_B)
+            texts += done.texts
         totals_B = np.concatenate(totals)
         samples = [{"prompt": records[i]["prompt"], "completion": texts[i], "reward": float(totals_B[i])}
                    for i in range(min(2, len(texts)))]

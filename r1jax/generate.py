@@ -140,13 +140,6 @@ def _fingerprint(records: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _sampling_model(model, mesh):
-    """The policy on the sampling rules' shardings (weights replicated over fsdp); `model` is left as it is."""
-    sampling = sharding.reshard(model, mesh, sharding.SAMPLE_RULES)
-    sampling.act_sharding = sharding.ActivationSharding(mesh, sharding.SAMPLE_RULES)
-    return sampling
-
-
 def _line(record: dict, key: tuple[int, int], text: str, tokens: int, truncated: bool, scores: dict) -> bytes:
     row = {"id": key[0], "sample": key[1], "prompt": record["prompt"], "answer": record.get("answer"),
            "task": task_of(record)}
@@ -190,7 +183,7 @@ def generate_samples(ctx: Context, policy: Policy, records: list[dict], *, name:
                                  group_size=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                  top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id)
     rng = jax.random.key(ctx.seed + seed_offset)
-    model = _sampling_model(policy.model, ctx.mesh) if done < len(batch_rows) else None
+    model = sharding.for_sampling(policy.model, ctx.mesh) if done < len(batch_rows) else None
     progress = Progress(total=len(batch_rows), initial=done, desc=name)
     with open(shard, "ab") as out:  # appends go to the end, wherever truncate leaves it
         out.truncate(ends[done - 1] if done else 0)
@@ -198,23 +191,20 @@ def generate_samples(ctx: Context, policy: Policy, records: list[dict], *, name:
         for b in range(done, len(batch_rows)):
             ctx.poll()
             start = b * cfg.batch_prompts
-            gen = sampler.generate(model, prompts[start : start + cfg.batch_prompts], jax.random.fold_in(rng, b),
-                                   scfg, poll=ctx.poll)
-            tokens, mask, truncated = map(sharding.host_array, (gen.tokens_BxT, gen.mask_BxT, gen.truncated_B))
-            # This process decodes, scores and writes only its own rows; the others write theirs.
-            mine = range(*rollout.process_slice(len(tokens)).indices(len(tokens)))
-            texts = tok.decode_batch([tokens[i][mask[i]] for i in mine])
-            examples = [records[i] for i, _ in batch_rows[b]]
-            scored = rewards(texts, examples).scores if rewards is not None and texts else {}
+            got = rollout.complete(model, [records[i] for i in ids[start : start + cfg.batch_prompts]],
+                                      prompts[start : start + cfg.batch_prompts], jax.random.fold_in(rng, b),
+                                      scfg, tok, rewards, poll=ctx.poll, local=True)
+            # This process decoded and scored only its own rows (`batch_rows[b]`); the others write theirs.
+            scores = got.scored.scores if got.scored is not None else {}
             # A float32 score is written as the shortest decimal that reads back as it: 19/20 words in the
             # language is 0.95 on disk (not 0.949999988, which a 0.95 threshold would reject).
-            lines = [_line(ex, row, text, int(mask[i].sum()), bool(truncated[i]),
-                           {n: float(str(s[j])) for n, s in scored.items()})
-                     for j, (i, row, ex, text) in enumerate(zip(mine, batch_rows[b], examples, texts))]
+            lines = [_line(records[key[0]], key, text, int(got.lengths_B[i]), bool(got.truncated_B[i]),
+                           {n: float(str(s[j])) for n, s in scores.items()})
+                     for j, (i, key, text) in enumerate(zip(got.rows, batch_rows[b], got.texts))]
             out.write(b"".join(lines))
             out.flush()
             os.fsync(out.fileno())
-            progress.update(b + 1, {"completion_len_mean": float(mask.sum(axis=1).mean())})
+            progress.update(b + 1, {"completion_len_mean": float(got.lengths_B.mean())})
     progress.close()
 
     # A barrier (every shard is complete before anyone reads the others) and a check of what each wrote.

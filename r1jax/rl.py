@@ -18,7 +18,7 @@ from r1jax.checkpoint import Checkpointer
 from r1jax.data import PromptStream
 from r1jax.evaluate import Evaluation
 from r1jax.metrics import Progress
-from r1jax.rewards import RewardSet
+from r1jax.rewards import RewardSet, routed_mean
 from r1jax.run import Context, NonFiniteError, Policy, Preempted
 
 
@@ -129,13 +129,10 @@ class Groups:
     def take(self, groups: np.ndarray, G: int) -> "Groups":
         rows = (groups[:, None] * G + np.arange(G)).reshape(-1)
         pick = lambda x: x[rows]  # noqa: E731
-        return Groups([self.records[p] for p in groups], *(pick(getattr(self, f)) for f in _ROW_FIELDS[:6]),
+        return Groups([self.records[p] for p in groups], *(pick(getattr(self, f)) for f in rollout.ROW_FIELDS[:6]),
                       [self.texts[r] for r in rows], pick(self.task_rewards_B), pick(self.rewards_B),
                       {k: pick(v) for k, v in self.scores.items()}, {k: pick(v) for k, v in self.routed.items()},
                       self.counts)
-
-
-_ROW_FIELDS = ("prompt_tokens_BxTp", "prompt_mask_BxTp", "tokens_BxT", "mask_BxT", "logp_BxT", "truncated_B")
 
 
 def _pad_to(x: np.ndarray, width: int, left: bool) -> np.ndarray:
@@ -153,7 +150,7 @@ def _join(a: Groups, b: Groups) -> Groups:
             width = max(x.shape[1], y.shape[1])
             x, y = _pad_to(x, width, left), _pad_to(y, width, left)
         return np.concatenate([x, y])
-    return Groups(a.records + b.records, *(cat(f) for f in _ROW_FIELDS), a.texts + b.texts,
+    return Groups(a.records + b.records, *(cat(f) for f in rollout.ROW_FIELDS), a.texts + b.texts,
                   np.concatenate([a.task_rewards_B, b.task_rewards_B]), np.concatenate([a.rewards_B, b.rewards_B]),
                   {k: np.concatenate([v, b.scores[k]]) for k, v in a.scores.items()},
                   {k: np.concatenate([v, b.routed[k]]) for k, v in a.routed.items()},
@@ -165,20 +162,16 @@ def sample_groups(model, take, n: int, key, cfg: RLConfig, scfg: sampler.Sampler
     """Sample G completions for `n` prompts drawn by `take`, decode and score them (each process its share);
     returns the groups and the number of prompts skipped as too long."""
     records, prompts, too_long = rollout.take_prompts(take, n, render, tok, cfg.max_prompt_len)
-    out = sampler.generate(model, prompts, key, scfg, poll=poll)
-    host = {f: sharding.host_array(getattr(out, f.replace("Tp", "T"))) for f in _ROW_FIELDS}
-    texts = tok.decode_batch([t[m] for t, m in zip(host["tokens_BxT"], host["mask_BxT"])])
-    examples = [r for r in records for _ in range(cfg.group_size)]
-    scored = rollout.score(rewards, texts, examples, step=step)
-    task_B = np.asarray(scored.total_B, np.float32)
+    done = rollout.complete(model, records, prompts, key, scfg, tok, rewards, step=step, poll=poll)
+    task_B = np.asarray(done.scored.total_B, np.float32)
     shaped_B = task_B
     if cfg.overlong_buffer:
-        penalty_B = grpo.overlong_penalty(host["mask_BxT"].sum(axis=1), cfg.max_new_tokens, cfg.overlong_buffer,
+        penalty_B = grpo.overlong_penalty(done.lengths_B, cfg.max_new_tokens, cfg.overlong_buffer,
                                           penalty_factor=cfg.overlong_penalty)
         shaped_B = task_B + np.asarray(penalty_B, np.float32)
-    counts = {k: v for k, v in scored.metrics.items() if not k.endswith(("/mean", "/weight"))}
-    return Groups(records, *(host[f] for f in _ROW_FIELDS), texts, task_B, shaped_B, scored.scores,
-                  scored.routed, counts), too_long
+    counts = {k: v for k, v in done.scored.metrics.items() if not k.endswith(("/mean", "/weight"))}
+    return Groups(records, *(getattr(done, f) for f in rollout.ROW_FIELDS), done.texts, task_B, shaped_B,
+                  done.scored.scores, done.scored.routed, counts), too_long
 
 
 def collect_step(model, take, key, cfg: RLConfig, scfg, tok, render, rewards, step: int, poll) -> tuple[Groups, dict]:
@@ -375,9 +368,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
     return dataclasses.replace(policy, model=model)
 
 
+
 def _routed_mean(groups: Groups, name: str) -> float:
     """A reward's mean over the rows it applies to (0.0 when it is absent or applies to none)."""
-    if name not in groups.scores:
-        return 0.0
-    routed = groups.routed.get(name, np.ones(len(groups.texts), bool))
-    return float(groups.scores[name][routed].mean()) if routed.any() else 0.0
+    mean = routed_mean(groups.scores, groups.routed, name)
+    return 0.0 if mean is None else mean

@@ -1,16 +1,18 @@
-"""The rollout seam shared by RL, evaluation (and later rejection sampling and distillation):
+"""The rollout seam shared by RL, evaluation, the generation stage (rejection sampling, teacher traces):
 prompts -> template -> tokens that fit -> sampler -> decoded text -> rewards scored across processes.
 
-Shapes: P prompts, G completions per prompt, B = P*G rows (prompt-major).
+Shapes: P prompts, G completions per prompt, B = P*G rows (prompt-major), Tp prompt length, T completion length.
 """
 import collections
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from r1jax import sampler
 from r1jax.rewards import RewardOutput, RewardSet
-from r1jax.sharding import allgather_json
+from r1jax.sharding import allgather_json, host_array
 from r1jax.tokenizer import Tokenizer
 
 # A stream that keeps yielding prompts too long to fit is misconfigured, not unlucky.
@@ -74,3 +76,58 @@ def score(rewards: RewardSet, texts: list[str], examples: list[dict], *, step: i
         scores.update(shared_scores)
         counts.update(shared_counts)
     return rewards.summarize(scores, counts, examples, step=step)
+
+
+ROW_FIELDS = ("prompt_tokens_BxTp", "prompt_mask_BxTp", "tokens_BxT", "mask_BxT", "logp_BxT", "truncated_B")
+
+
+@dataclasses.dataclass
+class Completions:
+    """One generate call's completions on the host, decoded and scored, B rows prompt-major.
+
+    The arrays hold all B rows. `rows` are the rows this process decoded and scored: all of them, or with
+    `local=True` only its `process_slice`; `texts` and `scored` cover exactly those rows.
+    """
+
+    examples: list[dict]  # B: the record of each row
+    prompt_tokens_BxTp: np.ndarray
+    prompt_mask_BxTp: np.ndarray
+    tokens_BxT: np.ndarray
+    mask_BxT: np.ndarray
+    logp_BxT: np.ndarray  # the sampler's log-probs (of the distribution it sampled from)
+    truncated_B: np.ndarray
+    rows: range
+    texts: list[str]
+    scored: RewardOutput | None
+
+    @property
+    def lengths_B(self) -> np.ndarray:
+        return self.mask_BxT.sum(axis=1)
+
+
+def complete(model, records: list[dict], prompts: list[list[int]], key: jax.Array, cfg: sampler.SamplerConfig,
+             tokenizer: Tokenizer, rewards: RewardSet | None = None, *, step: int | None = None,
+             poll: Callable[[], None] | None = None, local: bool = False) -> Completions:
+    """G = cfg.group_size completions of each prompt (`records[i]` rendered and encoded as `prompts[i]`),
+    decoded and scored by `rewards` at `step` (None: evaluation weights, no rewards: not scored).
+
+    By default every process ends with every row's text and score (each scored its share, then gathered:
+    `score`). With `local=True` each process decodes and scores only its own share of the rows (a stage that
+    writes its rows and never needs the others'); collective rewards cannot run that way across processes.
+    """
+    out = sampler.generate(model, prompts, key, cfg, poll=poll)
+    host = {f: host_array(getattr(out, f.replace("Tp", "T"))) for f in ROW_FIELDS}
+    B = len(host["tokens_BxT"])
+    examples = [r for r in records for _ in range(B // len(records))]
+    rows = range(*process_slice(B).indices(B)) if local else range(B)
+    tokens, mask = host["tokens_BxT"], host["mask_BxT"]
+    texts = tokenizer.decode_batch([tokens[i][mask[i]] for i in rows])
+    scored = None
+    if rewards is not None and not local:
+        scored = score(rewards, texts, examples, step=step)
+    elif rewards is not None and texts:
+        if jax.process_count() > 1 and any(r.collective for r in rewards.rewards):
+            raise ValueError("collective rewards (reward models) score the full batch on every process; "
+                             "they cannot score one process's rows (local=True)")
+        scored = rewards(texts, [examples[i] for i in rows], step=step)
+    return Completions(examples, *(host[f] for f in ROW_FIELDS), rows, texts, scored)

@@ -14,7 +14,7 @@ from r1jax.rewards.code import (
                                 make_code_reward,
                                 run_sandboxed,
 )
-from r1jax.rewards.compose import Reward, RewardOutput, RewardSet, combine
+from r1jax.rewards.compose import Reward, RewardOutput, RewardSet, combine, routed_mean
 from r1jax.rewards.format import format_reward, make_format_reward
 from r1jax.rewards.language import (
                                 language_consistency_reward,
@@ -43,7 +43,7 @@ from r1jax.rewards.template import R1_TAGS, Tags, answer_text, final_answer, thi
 __all__ = [
     "accuracy_reward", "make_accuracy_reward", "task_of",
     "code_reward", "make_code_reward", "run_sandboxed", "SandboxResult", "extract_program",
-    "Reward", "RewardOutput", "RewardSet", "combine",
+    "Reward", "RewardOutput", "RewardSet", "combine", "routed_mean",
     "format_reward", "make_format_reward",
     "language_consistency_reward", "make_language_consistency_reward", "language_word_counts",
     "math_reward", "make_math_reward", "verify_answer", "gsm8k_gold",

@@ -107,10 +107,15 @@ class RewardOutput:
 
     def mean(self, name: str) -> float | None:
         """Mean score over the items `name` scored; None if absent or it scored none."""
-        routed = self.routed.get(name)
-        if routed is None or not routed.any():
-            return None
-        return float(self.scores[name][routed].mean())
+        return routed_mean(self.scores, self.routed, name)
+
+
+def routed_mean(scores: dict[str, np.ndarray], routed: dict[str, np.ndarray], name: str) -> float | None:
+    """Reward `name`'s mean score over the items it scored; None if absent or it scored none."""
+    mask = routed.get(name)
+    if mask is None or not mask.any():
+        return None
+    return float(scores[name][mask].mean())
 
 
 def _checked(scores, n: int) -> np.ndarray:
