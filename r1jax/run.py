@@ -236,10 +236,11 @@ def run_stages(ctx: Context, stages: list, start_at: str = "") -> Policy | None:
 
 
 def make_context(run_dir: str, mesh_cfg: sharding.MeshConfig, seed: int, model_overrides: dict,
-                 stop: graceful_sigterm) -> Context:
+                 stop: graceful_sigterm, *, log: bool = True) -> Context:
+    """`log=False`: nothing is written to the run's metrics (an evaluation of a finished run adds nothing)."""
     sharding.initialize_distributed()
     os.makedirs(run_dir, exist_ok=True)
-    logger = MetricsLogger(run_dir, enabled=jax.process_index() == 0)
+    logger = MetricsLogger(run_dir, enabled=log and jax.process_index() == 0)
     return Context(run_dir=run_dir, mesh=mesh_cfg.make(), seed=seed, logger=logger, stop=stop,
                    model_overrides=model_overrides)
 
@@ -314,8 +315,7 @@ def evaluate(recipe, cfg: RunConfig, model: str = "") -> int:
     if not evaluation.records:
         raise SystemExit("no evaluation records (set data.eval=<file>)")
     with graceful_sigterm() as stop:
-        ctx = make_context(cfg.run_dir, cfg.mesh, cfg.seed, cfg.model_overrides(), stop)
-        ctx.logger.enabled = False  # an evaluation of a finished run adds nothing to its metrics
+        ctx = make_context(cfg.run_dir, cfg.mesh, cfg.seed, cfg.model_overrides(), stop, log=False)
         policy = load_policy(path, ctx, getattr(cfg, "tokenizer", ""))
         metrics, samples = evaluation.measure(ctx, policy.model, policy.tokenizer, step=0)
         ctx.logger.close()
