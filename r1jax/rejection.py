@@ -10,6 +10,8 @@ import json
 import os
 import random
 
+from r1jax.sft_data import RecordSource
+
 # In the order they are checked; a dropped sample counts under the first that applies.
 REASONS = ("incorrect", "malformed", "mixed_language", "overlong", "duplicate", "over_quota")
 
@@ -107,6 +109,8 @@ def to_chat(sample: dict) -> dict:
 
 
 def _general_chat(record: dict) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"a general SFT record must be an object, got {type(record).__name__}")
     if "messages" in record:
         return record
     if "prompt" in record and "completion" in record:
@@ -126,14 +130,38 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_dataset(path: str, reasoning_kept: list[dict], general_records: list[dict], *, seed: int) -> dict:
+def write_dataset(path: str, reasoning_kept: list[dict], general: RecordSource | list[dict], *, seed: int,
+                  general_limit: int = 0) -> dict:
     """One chat JSONL of the kept samples and the general records (chats, or prompt/completion pairs made chats;
-    task "general" unless they name one), shuffled with `seed`, written atomically. Returns {task: records}."""
-    records = [to_chat(s) for s in reasoning_kept]
-    records += [{**_general_chat(r), "task": r.get("task") or "general"} for r in general_records]
-    random.Random(seed).shuffle(records)
-    _write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return dict(sorted(collections.Counter(r["task"] for r in records).items()))
+    task "general" unless they name one), shuffled with `seed`, written atomically. Returns {task: records}.
+
+    `general` may be files read one record at a time (`RecordSource`): a large general set is never held in
+    memory, only the shuffled order of its indices. `general_limit` > 0 takes only its first that many records.
+    """
+    general = general if isinstance(general, RecordSource) else RecordSource(general)
+    n_general = min(len(general), general_limit) if general_limit else len(general)
+    counts = collections.Counter()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            order = list(range(len(reasoning_kept) + n_general))
+            random.Random(seed).shuffle(order)
+            for i in order:
+                if i < len(reasoning_kept):
+                    record = to_chat(reasoning_kept[i])
+                else:
+                    row = general.record(i - len(reasoning_kept))
+                    record = {**_general_chat(row), "task": row.get("task") or "general"}
+                counts[record["task"]] += 1
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dict(sorted(counts.items()))
 
 
 def write_stats(path: str, stats: dict) -> None:

@@ -67,7 +67,7 @@ def _index_jsonl(file: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts[keep], (ends - starts)[keep], np.flatnonzero(keep) + 1
 
 
-class _Rows:
+class RecordSource:
     """Random access to every record of some files (or an in-memory list), reading only what is asked.
 
     JSONL lines are read by byte offset from a one-pass index; Parquet rows by decoding their row
@@ -76,7 +76,7 @@ class _Rows:
     (seeks are cheap). Safe across grain's reader threads.
     """
 
-    def __init__(self, source: str | Sequence[str] | Sequence[dict], window: int | None):
+    def __init__(self, source: str | Sequence[str] | Sequence[dict], window: int | None = None):
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._parquet_files: dict = {}
@@ -150,6 +150,14 @@ class _Rows:
                 self._cache.popitem(last=False)
         return f"{file}: row index {j}", rows[j - int(index[group])]
 
+    def record(self, i: int):
+        """Record i parsed (a JSONL line decoded); ValueError naming its file and line if it is not JSON."""
+        where, raw = self[i]
+        try:
+            return _parse_line(raw) if isinstance(raw, bytes) else raw
+        except _BadRecord as e:
+            raise ValueError(f"{where}: {e}") from None
+
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
@@ -164,7 +172,7 @@ class _EpochShuffle(grain.MapDataset):
     O(rows) ints, drawn from (seed, epoch) alone.
     """
 
-    def __init__(self, parent: grain.MapDataset, rows: _Rows, window: int | None, seed: int):
+    def __init__(self, parent: grain.MapDataset, rows: RecordSource, window: int | None, seed: int):
         super().__init__(parent)
         self._rows, self._window, self._seed = rows, window, seed
         self._orders: dict[int, np.ndarray] = {}
@@ -301,7 +309,7 @@ class ExampleStream:
         count = jax.process_count() if process_count is None else process_count
         if shuffle_window is not None and shuffle_window < 1:
             raise ValueError(f"shuffle_window={shuffle_window} must be >= 1 (or None for a global shuffle)")
-        rows = _Rows(source, shuffle_window)
+        rows = RecordSource(source, shuffle_window)
         if len(rows) == 0:
             raise ValueError(f"no records in {rows.name}")
         order = _EpochShuffle(grain.MapDataset.source(rows), rows, shuffle_window, seed)

@@ -28,7 +28,7 @@ from r1jax.reward_model_stage import RMConfig, reward_model_stage
 from r1jax.rl import RLConfig, grpo_stage
 from r1jax.rewards.language import LANGUAGES
 from r1jax.run import Context, Policy, RunConfig, Stage, load_policy
-from r1jax.sft_data import list_files
+from r1jax.sft_data import RecordSource, list_files
 from r1jax.tokenizer import r1_zero_prompt
 from r1jax.train import OptimConfig
 from recipes import _toy_base
@@ -272,25 +272,15 @@ def rejection_sampling(ctx: Context, policy: Policy, *, cfg: R1Config) -> None:
     kept, stats = rejection.select(result.samples, rs.filter)
     if cfg.data.general == "toy":
         general = toy_r1.general_sft_records(_toy(cfg)["general"], seed=cfg.seed + 3)
-    else:
-        general = _read_sft(cfg.data.general)
-    general = general[: rs.general_records] if rs.general_records else general
+    else:  # read one record at a time while the dataset is written
+        general = RecordSource(cfg.data.general)
     stage_dir = ctx.stage_dir("rejection_sampling")
-    counts = rejection.write_dataset(os.path.join(stage_dir, "sft.jsonl"), kept, general, seed=cfg.seed)
+    counts = rejection.write_dataset(os.path.join(stage_dir, "sft.jsonl"), kept, general, seed=cfg.seed,
+                                     general_limit=rs.general_records)
     rejection.write_stats(os.path.join(stage_dir, "stats.json"), {**stats, "dataset": counts})
     print(f"[r1jax] rejection_sampling: kept {stats['total']['kept']} of {stats['total']['samples']} samples; "
           f"dataset by task {counts}\n{rejection.describe(stats)}")
     return None
-
-
-def _read_sft(path: str) -> list[dict]:
-    import json
-
-    out = []
-    for file in list_files(path):
-        with open(file) as f:
-            out += [json.loads(line) for line in f if line.strip()]
-    return out
 
 
 def reward_model(ctx: Context, base: Policy, *, cfg: R1Config) -> None:

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from r1jax.rejection import REASONS, RejectionConfig, describe, select, to_chat, write_dataset, write_stats
+from r1jax.sft_data import RecordSource
 
 CFG = RejectionConfig(keep_per_prompt=2, max_tokens=50)
 
@@ -112,6 +113,25 @@ def test_chat_record():
         "task": "arith", "id": 0}
 
 
+def test_general_set_streamed_from_files(tmp_path):
+    """A general set on disk (a folder of JSONL) is read record by record: the dataset equals the one written from
+    the same records in memory, and `general_limit` takes the first records of the files."""
+    kept, _ = select(SAMPLES, CFG)
+    general = [{"prompt": f"Say {i}.", "completion": f"{i}.", "task": "chat" if i % 2 else None} for i in range(7)]
+    folder = tmp_path / "general"
+    folder.mkdir()
+    for name, part in (("a.jsonl", general[:4]), ("b.jsonl", general[4:])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in part) + "\n")  # a blank line too
+    read = lambda p: open(p, "rb").read()  # noqa: E731
+    counts = write_dataset(str(tmp_path / "files.jsonl"), kept, RecordSource(str(folder)), seed=5)
+    assert counts == write_dataset(str(tmp_path / "memory.jsonl"), kept, general, seed=5)
+    assert read(tmp_path / "files.jsonl") == read(tmp_path / "memory.jsonl")
+    assert counts["chat"] == 3 and counts["general"] == 4
+    limited = write_dataset(str(tmp_path / "limited.jsonl"), kept, RecordSource(str(folder)), seed=5, general_limit=2)
+    assert limited == write_dataset(str(tmp_path / "first2.jsonl"), kept, general[:2], seed=5)
+    assert read(tmp_path / "limited.jsonl") == read(tmp_path / "first2.jsonl")
+
+
 def test_mixed_dataset_file_is_complete_and_deterministic(tmp_path):
     kept, stats = select(SAMPLES, CFG)
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
@@ -135,9 +155,13 @@ def test_mixed_dataset_file_is_complete_and_deterministic(tmp_path):
         assert f.read() == first
     write_dataset(path, kept, [chat, pair], seed=4)
     with open(path, "rb") as f:
-        assert f.read() != first  # another seed, another order (same lines)
+        other = f.read()
+    assert other != first  # another seed, another order (same lines)
     with pytest.raises(ValueError, match="needs 'messages'"):
         write_dataset(path, kept, [{"text": "x"}], seed=3)
+    assert os.listdir(tmp_path / "out") == ["sft.jsonl"]  # the failed write left no temporary file
+    with open(path, "rb") as f:
+        assert f.read() == other  # and the dataset written before it untouched
 
     write_stats(str(tmp_path / "stats.json"), stats)
     with open(tmp_path / "stats.json") as f:
