@@ -25,7 +25,30 @@ def shared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     cfg = _cfg(tmp, "full")
     assert run.train(r1_zero, cfg) == 0
-    return _records(cfg.run_dir), f"base.cache_dir={tmp / 'cache'}"
+    return _records(cfg.run_dir), f"base.cache_dir={tmp / 'cache'}", cfg.run_dir
+
+
+def test_pulse_and_exact_resume(tmp_path, shared):
+    """The reference run is complete and finite; stopped after step 2 (as by SIGTERM), the same command again
+    gives the same metrics, bitwise; a third run does nothing."""
+    records, cache, full_dir = shared
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("reward_mean", "accuracy", "format_rate", "completion_len_mean", "kl", "entropy", "grad_norm",
+                "clip_low_frac", "logp_gap_max", "zero_spread_groups", "truncation_rate", "lr"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    # The sampler's log-probs are the trainer's (same model code, fp32 CPU).
+    assert max(r["logp_gap_max"] for r in train) <= 1e-4
+    assert os.path.exists(os.path.join(full_dir, "reward.png"))
+    assert os.path.exists(os.path.join(full_dir, "grpo", "final", "config.json"))
+
+    resumed = _cfg(tmp_path, "resumed", [cache])
+    assert run.train(r1_zero, resumed, stop=StopAfter(resumed.run_dir, 2)) == 0
+    assert [r["step"] for r in _records(resumed.run_dir) if r["kind"] == "train"] == [1, 2]
+    assert run.train(r1_zero, resumed) == 0
+    assert _records(resumed.run_dir) == records
+    assert run.train(r1_zero, resumed) == 0
+    assert _records(resumed.run_dir) == records
 
 
 def _steps(records, kind):
@@ -33,14 +56,14 @@ def _steps(records, kind):
 
 
 def test_eval_size_is_eval_num_prompts(shared):
-    reference, _ = shared
+    reference, _, _ = shared
     evals = [r for r in reference if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert all(r["eval_prompts"] == 8 and r["eval_prompts_too_long"] == 0 for r in evals)
 
 
 def test_stop_inside_evaluation_saves_and_resumes_exactly(tmp_path, shared):
-    reference, cache = shared
+    reference, cache, _ = shared
     cfg = _cfg(tmp_path, "run", [cache])
     # The signal lands on the evaluation after step 2 (the poll after the step's own check).
     assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 2, poll=2)) == 0
@@ -51,7 +74,7 @@ def test_stop_inside_evaluation_saves_and_resumes_exactly(tmp_path, shared):
 
 
 def test_stop_inside_generation_saves_the_steps_before_it(tmp_path, shared, monkeypatch):
-    reference, cache = shared
+    reference, cache, _ = shared
     monkeypatch.setattr(sampler, "POLL_EVERY", 4)  # decode polls every 4 tokens
     cfg = _cfg(tmp_path, "run", [cache])
     # After step 1 (no checkpoint or evaluation due): poll 1 is the step's own check, poll 2 lands
@@ -64,7 +87,7 @@ def test_stop_inside_generation_saves_the_steps_before_it(tmp_path, shared, monk
 
 
 def test_stop_at_the_last_step_runs_the_final_evaluation_on_resume(tmp_path, shared):
-    reference, cache = shared
+    reference, cache, _ = shared
     cfg = _cfg(tmp_path, "run", [cache])
     assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 4)) == 0
     first = _records(cfg.run_dir)
@@ -76,7 +99,7 @@ def test_stop_at_the_last_step_runs_the_final_evaluation_on_resume(tmp_path, sha
 
 
 def test_killed_attempt_leaves_each_step_once_on_disk(tmp_path, shared):
-    reference, cache = shared
+    reference, cache, _ = shared
     cfg = _cfg(tmp_path, "run", [cache])
     assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 4)) == 0
     # As if killed after logging step 4 and its evaluation but before the step-4 checkpoint landed:
@@ -98,7 +121,7 @@ def _length_rewards():
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, shared, capsys, monkeypatch):
-    _, cache = shared
+    _, cache, _ = shared
     real, calls = grpo.group_advantages, []
 
     def poisoned(rewards_B, group_size, **kwargs):  # from step 2 on, as if a reward overflowed
@@ -118,7 +141,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, shared, caps
 
 
 def test_kl_to_the_reference_is_zero_then_grows(tmp_path, shared, monkeypatch):
-    _, cache = shared
+    _, cache, _ = shared
     monkeypatch.setattr(r1_zero, "_rewards", _length_rewards)
     cfg = _cfg(tmp_path, "run", [cache, "rl.kl_coef=0.01", "rl.optim.warmup_steps=0", "rl.optim.lr=1e-3",
                                  "rl.minibatches=1", "rl.steps=2", "eval.every=0"])
@@ -195,7 +218,7 @@ def test_base_cache_key_ignores_where_the_cache_lives():
 
 
 def test_unreadable_newest_checkpoint_resumes_from_the_previous_one(tmp_path, shared, capsys):
-    reference, cache = shared
+    reference, cache, _ = shared
     cfg = _cfg(tmp_path, "run", [cache])
     assert run.train(r1_zero, cfg, stop=StopAfter(cfg.run_dir, 4)) == 0  # checkpoints at steps 2 and 4
     ckpts = os.path.join(cfg.run_dir, "grpo", "checkpoints")
@@ -230,7 +253,7 @@ class BreakDiskAfter:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned coroutines
 def test_failed_save_stops_the_run_at_once_keeping_the_previous_checkpoint(tmp_path, shared, capsys, monkeypatch):
-    reference, cache = shared
+    reference, cache, _ = shared
     cfg = _cfg(tmp_path, "run", [cache, "rl.checkpoint_every=1"])
     ckpts = os.path.join(cfg.run_dir, "grpo", "checkpoints")
     assert run.train(r1_zero, cfg, stop=BreakDiskAfter(cfg.run_dir, 2, ckpts, monkeypatch)) == 1

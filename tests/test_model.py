@@ -176,6 +176,8 @@ def test_lean_logprobs_equal_full_log_softmax(temperature, chunk):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
     ref_entropy = -jnp.sum(jnp.exp(logp_full) * logp_full, axis=-1)
     np.testing.assert_allclose(np.asarray(entropy), np.asarray(ref_entropy), atol=1e-5, rtol=0)
+    if chunk != 3:  # the gradient once, with a chunk that does not divide the length and a temperature
+        return
     # Gradients agree too (the chunked head is rematerialised, not approximated); a
     # whole-model gradient is a block, so the fp32 block tolerance (1e-4) applies.
     g_ref = jax.jit(jax.grad(lambda s: full(s)[0].sum()))(state)
