@@ -5,6 +5,7 @@ Shapes: P prompts, G completions per prompt, B = P*G rows (prompt-major), Tp pro
 """
 import collections
 import dataclasses
+import time
 from collections.abc import Callable
 
 import jax
@@ -99,6 +100,8 @@ class Completions:
     rows: range
     texts: list[str]
     scored: RewardOutput | None
+    sample_s: float = 0.0  # wall time of the generate call, until its arrays were on the host
+    reward_s: float = 0.0  # decoding the text and scoring it (host work: the device sits idle)
 
     @property
     def lengths_B(self) -> np.ndarray:
@@ -115,8 +118,10 @@ def complete(model, records: list[dict], prompts: list[list[int]], key: jax.Arra
     `score`). With `local=True` each process decodes and scores only its own share of the rows (a stage that
     writes its rows and never needs the others'); collective rewards cannot run that way across processes.
     """
+    t0 = time.perf_counter()
     out = sampler.generate(model, prompts, key, cfg, poll=poll)
     host = {f: host_array(getattr(out, f.replace("Tp", "T"))) for f in ROW_FIELDS}
+    t1 = time.perf_counter()
     B = len(host["tokens_BxT"])
     examples = [r for r in records for _ in range(B // len(records))]
     rows = range(*process_slice(B).indices(B)) if local else range(B)
@@ -130,4 +135,5 @@ def complete(model, records: list[dict], prompts: list[list[int]], key: jax.Arra
             raise ValueError("collective rewards (reward models) score the full batch on every process; "
                              "they cannot score one process's rows (local=True)")
         scored = rewards(texts, [examples[i] for i in rows], step=step)
-    return Completions(examples, *(host[f] for f in ROW_FIELDS), rows, texts, scored)
+    return Completions(examples, *(host[f] for f in ROW_FIELDS), rows, texts, scored, sample_s=t1 - t0,
+                       reward_s=time.perf_counter() - t1)

@@ -53,7 +53,7 @@ def test_dynamic_sampling_drops_equal_groups_and_samples_more_until_full(monkeyp
     np.testing.assert_array_equal(groups.task_rewards_B, [0, 1, 1, 0])
     np.testing.assert_array_equal(groups.tokens_BxT[:, 0], [10, 11, 0, 1])
     assert stats == {"prompts_too_long": 2, "dynamic_sampling_rounds": 2, "dynamic_sampling_dropped_groups": 1,
-                     "dynamic_sampling_short_groups": 0}
+                     "dynamic_sampling_short_groups": 0, "time_sample_s": 0.0, "time_reward_s": 0.0}
     assert groups.counts == {"accuracy/errors": 2.0}  # the rewards' counts add over every round sampled
 
 
@@ -75,7 +75,7 @@ def test_without_dynamic_sampling_one_round_is_the_batch(monkeypatch):
     config = rl.RLConfig(prompts_per_step=2, group_size=G)
     groups, stats = rl.collect_step(None, None, jax.random.key(0), config, None, None, None, None, 0, None)
     assert calls == [1] and [r["prompt"] for r in groups.records] == ["a0", "a1"]
-    assert stats == {"prompts_too_long": 0}
+    assert stats == {"prompts_too_long": 0, "time_sample_s": 0.0, "time_reward_s": 0.0}
 
 
 class _Tok:
