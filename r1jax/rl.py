@@ -63,6 +63,10 @@ class RLConfig:
     # groups (zero advantage; counted as dynamic_sampling_short_groups).
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    # Each prompt's forward runs once for the completions of its group that share a device and a microbatch,
+    # in the update and in the reference / old-policy forwards (the same numbers, up to float rounding; the
+    # work on prompt tokens drops by up to G times). Epochs then shuffle whole blocks of such rows.
+    share_prompts: bool = True
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "mu", "minibatches", "microbatches", "max_prompt_len",
@@ -98,14 +102,25 @@ class RLConfig:
                              f"x rl.microbatches = {parts} parts of a multiple of mesh data x fsdp = {data} devices; "
                              "change one of them")
 
-    def hyper(self) -> train.RLHyper:
+    def rows_per_shard(self, mesh, parts: int) -> int:
+        """Rows of one step's batch split into `parts`, on each device holding a share of them."""
+        return self.prompts_per_step * self.group_size // (parts * mesh.shape["data"] * mesh.shape["fsdp"])
+
+    def prompt_share(self, mesh, parts: int = 1) -> int:
+        """Rows per prompt forward when the batch is split into `parts` (see share_prompts)."""
+        if not self.share_prompts:
+            return 1
+        return train.prompt_share(self.group_size, self.rows_per_shard(mesh, parts))
+
+    def hyper(self, mesh=None) -> train.RLHyper:
+        share = 1 if mesh is None else self.prompt_share(mesh, self.minibatches * self.microbatches)
         return train.RLHyper(
             mu=self.mu, minibatches=self.minibatches, microbatches=self.microbatches,
             clip_low=self.clip_low, clip_high=self.clip_high, kl_coef=self.kl_coef, kl_kind=self.kl_kind,
             aggregation=self.aggregation, importance=self.importance, temperature=self.temperature,
             max_len=self.max_new_tokens if self.aggregation == "seq_mean_token_sum_norm" else None,
             logprob_chunk=self.logprob_chunk, dual_clip=self.dual_clip, log_ratio_clamp=self.log_ratio_clamp,
-            loss_type=self.loss_type)
+            loss_type=self.loss_type, prompt_share=share)
 
 
 @dataclasses.dataclass
@@ -125,6 +140,7 @@ class Groups:
     scores: dict[str, np.ndarray]  # name -> per-row score (0 where the reward does not apply)
     routed: dict[str, np.ndarray]  # name -> per-row bool
     counts: dict[str, float]  # the rewards' error/timeout/... counts over every row sampled for the step
+    times: dict[str, float] = dataclasses.field(default_factory=dict)  # sample_s, reward_s over every round
 
     def take(self, groups: np.ndarray, G: int) -> "Groups":
         rows = (groups[:, None] * G + np.arange(G)).reshape(-1)
@@ -171,7 +187,8 @@ def sample_groups(model, take, n: int, key, cfg: RLConfig, scfg: sampler.Sampler
         shaped_B = task_B + np.asarray(penalty_B, np.float32)
     counts = {k: v for k, v in done.scored.metrics.items() if not k.endswith(("/mean", "/weight"))}
     return Groups(records, *(getattr(done, f) for f in rollout.ROW_FIELDS), done.texts, task_B, shaped_B,
-                  done.scored.scores, done.scored.routed, counts), too_long
+                  done.scored.scores, done.scored.routed, counts,
+                  {"sample_s": done.sample_s, "reward_s": done.reward_s}), too_long
 
 
 def collect_step(model, take, key, cfg: RLConfig, scfg, tok, render, rewards, step: int, poll) -> tuple[Groups, dict]:
@@ -180,12 +197,16 @@ def collect_step(model, take, key, cfg: RLConfig, scfg, tok, render, rewards, st
     P, G = cfg.prompts_per_step, cfg.group_size
     groups, too_long = sample_groups(model, take, P, jax.random.fold_in(key, 0), cfg, scfg, tok, render,
                                      rewards, step, poll)
-    stats = {"prompts_too_long": too_long}
+    stats = {"prompts_too_long": too_long, "time_sample_s": groups.times.get("sample_s", 0.0),
+             "time_reward_s": groups.times.get("reward_s", 0.0)}
     if not cfg.dynamic_sampling:
         return groups, stats
     kept, dropped, rounds, counts = None, None, 0, {}
     while True:
         rounds += 1
+        if rounds > 1:
+            stats["time_sample_s"] += groups.times.get("sample_s", 0.0)
+            stats["time_reward_s"] += groups.times.get("reward_s", 0.0)
         for k, v in groups.counts.items():
             counts[k] = counts.get(k, 0.0) + v
         informative = np.asarray(grpo.informative_groups(groups.task_rewards_B.reshape(-1, G)))
@@ -277,7 +298,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
 
     if eval_due(start) and start not in ctx.evaluated_steps(name):
         do_eval(start)
-    hp = cfg.hyper()
+    hp = cfg.hyper(mesh)
+    ref_share = cfg.prompt_share(mesh)
     progress = Progress(total=cfg.steps, initial=start, desc=name)
     nonfinite_run = 0  # steps in a row whose every update was skipped
     for step in range(start, cfg.steps):
@@ -302,12 +324,14 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         if cfg.recompute_old_logp:
             old_logp = train.rollout_logprobs(state.graphdef, state.params, prompt_BxTp, prompt_mask_BxTp,
                                               completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
-                                              chunk=cfg.logprob_chunk)
+                                              chunk=cfg.logprob_chunk, share=ref_share)
         ref_logp = None
         if use_ref:
             ref_logp = train.rollout_logprobs(state.graphdef, ref_params, prompt_BxTp, prompt_mask_BxTp,
                                               completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
-                                              chunk=cfg.logprob_chunk)
+                                              chunk=cfg.logprob_chunk, share=ref_share)
+        jax.block_until_ready((old_logp, ref_logp))
+        t_ref = time.perf_counter()
         batch = train.RLBatch(prompt_BxTp, prompt_mask_BxTp, completion_BxT, loss_mask_BxT, old_logp, ref_logp,
                               put(adv_B))
         lr = float(schedule(int(sharding.host_array(state.step))))
@@ -332,7 +356,11 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
             **{f"reward/{k}/mean": _routed_mean(groups, k) for k in groups.scores},
             **{f"reward/{k}": v for k, v in groups.counts.items()},
             **{f"reward/{r.name}/weight": r.weight_at(step) for r in rewards.rewards},
-            "time_rollout_s": t1 - t0, "time_train_s": t2 - t1,
+            # The step's split: the device works in sample, reference and update; the rest (decoding and scoring
+            # the text, advantages, transfers) is host time in which it sits idle.
+            "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_step_s": t2 - t0,
+            "time_reference_s": t_ref - t1, "time_update_s": t2 - t_ref,
+            "time_idle_s": (t2 - t0) - sample_stats["time_sample_s"] - (t2 - t1),
             "tokens_per_s": float(lengths.sum() / max(t2 - t0, 1e-9)),
         }
         if cfg.overlong_buffer:

@@ -43,10 +43,12 @@ class RunConfig:
     param_dtype: str = "float32"
     dtype: str = "auto"
     remat: str = "none"
+    scan_layers: bool = True  # false: unrolled layers (faster on CPU; compile time grows with depth)
     mesh: sharding.MeshConfig = sharding.MeshConfig()
 
     def model_overrides(self) -> dict:
-        return {"param_dtype": self.param_dtype, "dtype": self.dtype, "remat": self.remat}
+        return {"param_dtype": self.param_dtype, "dtype": self.dtype, "remat": self.remat,
+                "scan_layers": self.scan_layers}
 
 
 @dataclasses.dataclass

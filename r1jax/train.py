@@ -5,6 +5,7 @@ S = Tp + T, D width, V vocab.
 """
 import dataclasses
 import functools
+import math
 from typing import Any, Literal
 
 import jax
@@ -83,19 +84,36 @@ def create_train_state(model: Transformer, tx: optax.GradientTransformation) -> 
 
 
 def completion_logprobs(model: Transformer, prompt_BxTp, prompt_mask_BxTp, completion_BxT,
-                        completion_mask_BxT, *, temperature: float = 1.0, chunk: int = 256):
-    """(logp_BxT, entropy_BxT) of the completion tokens given their prompts.
+                        completion_mask_BxT, *, temperature: float = 1.0, chunk: int = 256, share: int = 1):
+    """(logp_BxT, entropy_BxT) of the completion tokens given their (left-padded) prompts.
 
     One forward over prompt+completion; the head runs only on the positions that
     predict completion tokens, in chunks (never a full fp32 BxSxV logits tensor).
+    `share` > 1: every block of `share` consecutive rows has the same prompt (GRPO's groups, prompt-major),
+    and each prompt runs once for its block (`Transformer.hidden_shared_prompt`); same result, less work.
     """
-    tokens_BxS = jnp.concatenate([prompt_BxTp, completion_BxT], axis=1)
-    mask_BxS = jnp.concatenate([prompt_mask_BxTp, completion_mask_BxT], axis=1)
-    h_BxSxD, _ = model.hidden(tokens_BxS, positions_from_mask(mask_BxS), mask_BxS)
     Tp = prompt_BxTp.shape[1]
-    h_BxTxD = h_BxSxD[:, Tp - 1 : -1]
+    if share > 1:
+        B = completion_BxT.shape[0]
+        first = lambda x: x.reshape(B // share, share, *x.shape[1:])[:, 0]  # noqa: E731
+        h_QxTpxD, h_BxTxD = model.hidden_shared_prompt(first(prompt_BxTp), first(prompt_mask_BxTp),
+                                                       completion_BxT, completion_mask_BxT, share)
+        # The prompt's last column (a real token: left padding) predicts the first completion token.
+        h_BxTxD = jnp.concatenate([jnp.repeat(h_QxTpxD[:, -1:], share, axis=0), h_BxTxD[:, :-1]], axis=1)
+    else:
+        tokens_BxS = jnp.concatenate([prompt_BxTp, completion_BxT], axis=1)
+        mask_BxS = jnp.concatenate([prompt_mask_BxTp, completion_mask_BxT], axis=1)
+        h_BxSxD, _ = model.hidden(tokens_BxS, positions_from_mask(mask_BxS), mask_BxS)
+        h_BxTxD = h_BxSxD[:, Tp - 1 : -1]
     return chunked_logprobs(h_BxTxD, model.head_weight_DxV(), completion_BxT,
                             temperature=temperature, chunk=chunk)
+
+
+def prompt_share(group_size: int, rows_per_shard: int) -> int:
+    """How many consecutive rows of a prompt-major batch (groups of `group_size` rows) can share one prompt
+    forward when each device holds `rows_per_shard` consecutive rows: the largest block that divides both,
+    so no block straddles two devices or two groups."""
+    return math.gcd(group_size, rows_per_shard)
 
 
 @struct.dataclass
@@ -128,6 +146,9 @@ class RLHyper:
     dual_clip: float | None = None
     log_ratio_clamp: float = grpo.LOG_RATIO_CLAMP
     loss_type: str = "ppo"  # "ppo" (clipped surrogate) or "cispo" (clipped, stop-gradient IS weights)
+    # > 1: blocks of this many consecutive rows share their prompt (`completion_logprobs`); epochs then
+    # shuffle whole blocks, so every microbatch holds whole blocks.
+    prompt_share: int = 1
 
 
 def apply_if_finite(state: TrainState, grads, loss, grad_norm) -> tuple[TrainState, jax.Array]:
@@ -158,14 +179,15 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
     gradient equal the minibatch's exactly. Rows are reshuffled every epoch.
     """
     B = batch.adv_B.shape[0]
-    if B % (hp.minibatches * hp.microbatches):
-        raise ValueError(f"batch of {B} rows does not split into {hp.minibatches} x {hp.microbatches}")
+    if B % (hp.minibatches * hp.microbatches * hp.prompt_share):
+        raise ValueError(f"batch of {B} rows does not split into {hp.minibatches} x {hp.microbatches} parts of "
+                         f"whole blocks of prompt_share={hp.prompt_share} rows")
 
     def loss_fn(params, mb, normalizer):
         model = nnx.merge(state.graphdef, params)
         logp_BxT, entropy_BxT = completion_logprobs(
             model, mb.prompt_BxTp, mb.prompt_mask_BxTp, mb.completion_BxT, mb.completion_mask_BxT,
-            temperature=hp.temperature, chunk=hp.logprob_chunk)
+            temperature=hp.temperature, chunk=hp.logprob_chunk, share=hp.prompt_share)
         loss, aux = grpo.grpo_loss(
             logp_BxT, mb.old_logp_BxT, mb.ref_logp_BxT, mb.adv_B, mb.completion_mask_BxT,
             clip_low=hp.clip_low, clip_high=hp.clip_high, kl_coef=hp.kl_coef, kl_kind=hp.kl_kind,
@@ -209,7 +231,8 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
         return new_state, metrics
 
     def epoch(state, epoch_key):
-        perm = jax.random.permutation(epoch_key, B)
+        blocks = jax.random.permutation(epoch_key, B // hp.prompt_share)
+        perm = (blocks[:, None] * hp.prompt_share + jnp.arange(hp.prompt_share)).reshape(-1)
         shuffled = jax.tree.map(lambda x: _split(x[perm], hp.minibatches), batch)
         return jax.lax.scan(minibatch_step, state, shuffled)
 
@@ -227,13 +250,14 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
     return state, out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk", "share"))
 def rollout_logprobs(graphdef, params, prompt_BxTp, prompt_mask_BxTp, completion_BxT, completion_mask_BxT,
-                     *, temperature: float, chunk: int = 256):
-    """Log-probs of sampled completions under `params` (reference model, or recomputed old policy)."""
+                     *, temperature: float, chunk: int = 256, share: int = 1):
+    """Log-probs of sampled completions under `params` (reference model, or recomputed old policy); `share` as
+    in `completion_logprobs`."""
     model = nnx.merge(graphdef, params)
     logp_BxT, _ = completion_logprobs(model, prompt_BxTp, prompt_mask_BxTp, completion_BxT,
-                                      completion_mask_BxT, temperature=temperature, chunk=chunk)
+                                      completion_mask_BxT, temperature=temperature, chunk=chunk, share=share)
     return logp_BxT
 
 

@@ -152,6 +152,17 @@ def test_remat_equals_no_remat(policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+def test_unrolled_layers_equal_the_scan():
+    tokens = _tokens()
+    graphdef_s, state = nnx.split(_model(_cfg()))
+    graphdef_u, _ = nnx.split(_model(_cfg(scan_layers=False)))
+    loss_s, grad_s = jax.jit(jax.value_and_grad(lambda s: _loss(nnx.merge(graphdef_s, s), tokens)))(state)
+    loss_u, grad_u = jax.jit(jax.value_and_grad(lambda s: _loss(nnx.merge(graphdef_u, s), tokens)))(state)
+    np.testing.assert_allclose(float(loss_u), float(loss_s), atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad_u)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("temperature,chunk", [(1.0, 4), (0.7, 3), (1.3, 64)])
 def test_lean_logprobs_equal_full_log_softmax(temperature, chunk):
     model = _model(_cfg())

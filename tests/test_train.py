@@ -12,7 +12,7 @@ from r1jax.model import ModelConfig, create_model
 
 def _setup(lr=3e-2, mesh_shape=(8, 1, 1), tx=None):
     cfg = ModelConfig.toy().replace(vocab_size=64, n_layers=2, d_model=64, d_ff=128, head_dim=16)
-    mesh = sharding.MeshConfig(*mesh_shape).make()
+    mesh = sharding.MeshConfig(*mesh_shape).make(jax.devices()[: int(np.prod(mesh_shape))])
     model = create_model(cfg, mesh=mesh, seed=1)
     tx = tx or train.make_optimizer(train.OptimConfig(lr=lr, grad_clip=1e9), 100)
     return cfg, train.create_train_state(model, tx)
@@ -178,3 +178,67 @@ def test_update_raises_positive_and_lowers_negative_advantage_completions():
     adv = np.asarray(adv)
     assert (adv != 0).all()
     assert (delta[adv > 0] > 0.1).all() and (delta[adv < 0] < -0.1).all(), (adv, delta)
+
+
+def _grouped_batch(cfg, P=4, G=4, Tp=7, T=5, seed=3):
+    """P prompts (left-padded, lengths 7, 4, 2, 6) each repeated for its G rows, prompt-major; completions of
+    several lengths (one empty)."""
+    rng = np.random.default_rng(seed)
+    prompt_P = rng.integers(0, cfg.vocab_size, (P, Tp))
+    prompt_mask_P = np.arange(Tp)[None] >= (Tp - np.array([7, 4, 2, 6]))[:, None]
+    prompt, prompt_mask = (jnp.asarray(np.repeat(x, G, axis=0)) for x in (prompt_P, prompt_mask_P))
+    completion = jnp.asarray(rng.integers(0, cfg.vocab_size, (P * G, T)))
+    mask = jnp.asarray(np.arange(T)[None] < rng.integers(0, T + 1, P * G)[:, None])
+    return prompt, prompt_mask, completion, mask
+
+
+def test_shared_prompt_forward_equals_the_full_rows():
+    """Every prompt run once for its block of rows gives the log-probs and gradients of running it with each row,
+    on one device and on a mesh whose devices each hold two rows (share 2 there, 4 on one device)."""
+    for shape, shares in (((1, 1, 1), (2, 4)), ((4, 2, 1), (2,))):
+        cfg, state = _setup(mesh_shape=shape)
+        prompt, prompt_mask, completion, mask = _grouped_batch(cfg)
+
+        def run(share):
+            def f(params):
+                logp, entropy = train.completion_logprobs(nnx.merge(state.graphdef, params), prompt, prompt_mask,
+                                                          completion, mask, share=share)
+                return jnp.sum(jnp.where(mask, logp * jnp.arange(1, 6), 0.0)), (logp, entropy)
+            return jax.jit(jax.value_and_grad(f, has_aux=True))(state.params)
+
+        (ref_loss, (ref_logp, ref_ent)), ref_grad = run(1)
+        for share in shares:
+            (loss, (logp, ent)), grad = run(share)
+            m = np.asarray(mask)
+            np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(ref_logp)[m], atol=2e-5, rtol=0)
+            np.testing.assert_allclose(np.asarray(ent)[m], np.asarray(ref_ent)[m], atol=2e-5, rtol=0)
+            np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, atol=0)
+            for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=0)
+
+
+def test_shared_prompt_update_equals_the_unshared_one():
+    """rl_update with prompt_share 4 (whole groups) takes the step of the unshared update: same loss, KL and
+    gradient norm, and the reference log-probs agree."""
+    outs = []
+    for share in (1, 4):
+        cfg, state = _setup(tx=optax.sgd(1.0))
+        prompt, prompt_mask, completion, mask = _grouped_batch(cfg)
+        adv = grpo.group_advantages(jnp.arange(16, dtype=jnp.float32) % 3, 4)
+        old = train.rollout_logprobs(state.graphdef, state.params, prompt, prompt_mask, completion, mask,
+                                     temperature=1.0, share=share)
+        batch = train.RLBatch(prompt, prompt_mask, completion, mask, old + 0.02, old - 0.1, adv)
+        hp = train.RLHyper(kl_coef=0.1, clip_low=10.0, clip_high=10.0, prompt_share=share)
+        outs.append((old, train.rl_update(state, batch, jax.random.key(0), hp)[1]))
+    (old1, m1), (old4, m4) = outs
+    np.testing.assert_allclose(np.asarray(old4)[np.asarray(mask)], np.asarray(old1)[np.asarray(mask)], atol=2e-5)
+    for key in ("loss", "kl", "entropy", "ratio_mean"):
+        np.testing.assert_allclose(float(m4[key]), float(m1[key]), atol=2e-6, rtol=0, err_msg=key)
+    np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5, atol=0)
+
+
+def test_prompt_share_never_straddles_a_group_or_a_device():
+    assert train.prompt_share(8, 64) == 8  # whole groups on each device
+    assert train.prompt_share(8, 2) == 2  # two rows per device: blocks of two
+    assert train.prompt_share(16, 24) == 8
+    assert train.prompt_share(5, 4) == 1
