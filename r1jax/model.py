@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from kernels.attention import attention
+from kernels.attention import attention, cached_attention
 from r1jax import sharding
 from r1jax.sharding import ActivationSharding
 
@@ -190,17 +190,18 @@ PRESETS = {
 @struct.dataclass
 class KVCache:
     """Keys/values for every layer. Slots [0, index) are written; `mask_BxS` marks
-    which written slots hold real tokens (left padding does not)."""
+    which written slots hold real tokens (left padding does not). Heads before slots: a decode step's
+    attention reads each head's slots as one contiguous block (`kernels.attention.cached_attention`)."""
 
-    k_LxBxSxKxH: jax.Array
-    v_LxBxSxKxH: jax.Array
+    k_LxBxKxSxH: jax.Array
+    v_LxBxKxSxH: jax.Array
     mask_BxS: jax.Array
     index: jax.Array  # int32 scalar: next slot to write
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
         dtype = cfg.compute_dtype if dtype is None else dtype
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
@@ -339,16 +340,18 @@ class Transformer(nnx.Module):
             # layer; as scan xs/ys it would be copied in full at every decode step.
             x_BxTxD, kv = carry
             q, k, v = self._qkv(x_BxTxD, p, cos_BxTxH, sin_BxTxH)
-            if kv is not None:
+            if kv is None:
+                out = attention(q, k, v, attn_mask_BxTxS, impl=cfg.attn_impl)
+            else:
                 k_all, v_all = kv
-                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, cache.index, 0, 0))
-                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, cache.index, 0, 0))
+                new = lambda x, all_: x.swapaxes(1, 2)[None].astype(all_.dtype)  # noqa: E731  1xBxKxTxH
+                k_all = jax.lax.dynamic_update_slice(k_all, new(k, k_all), (i, 0, 0, cache.index, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, new(v, v_all), (i, 0, 0, cache.index, 0))
                 kv = (k_all, v_all)
-                k, v = k_all[i], v_all[i]
-            out = attention(q, k.astype(dt), v.astype(dt), attn_mask_BxTxS, impl=cfg.attn_impl)
+                out = cached_attention(q, k_all[i], v_all[i], attn_mask_BxTxS).astype(dt)
             return self._attn_out_and_mlp(x_BxTxD, out, p), kv
 
-        kv_in = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+        kv_in = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
         x_BxTxD, kv_out = self._layers(block, (x_BxTxD, kv_in))
         if cache is not None:
             cache = KVCache(kv_out[0], kv_out[1], kv_mask_BxS, cache.index + T)
@@ -455,17 +458,24 @@ class Transformer(nnx.Module):
         """log_softmax(logits / temperature) at `targets_BxT`, and the entropy.
 
         Never holds the full fp32 BxTxV logits: the head runs over chunks of `chunk`
-        positions inside a rematerialised loop, so forward and backward both peak at
-        one BxchunkxV block (what RL on 150k-vocab models needs).
+        positions in a loop, each chunk's logits recomputed in the backward pass when they
+        exceed HEAD_REMAT_BYTES, so forward and backward both peak at one BxchunkxV block
+        (what RL on 150k-vocab models needs).
         """
         h_BxTxD, _ = self.hidden(tokens_BxT, positions_BxT, mask_BxT)
         return chunked_logprobs(h_BxTxD, self.head_weight_DxV(), targets_BxT,
                                 temperature=temperature, chunk=chunk)
 
 
+# A chunk's fp32 logits up to this size are kept for the backward pass; larger ones are recomputed there
+# (a 150k vocabulary at 64 rows x 256 positions is 10 GB).
+HEAD_REMAT_BYTES = 1 << 28
+
+
 def chunked_logprobs(h_BxTxD, w_DxV, targets_BxT, *, temperature: float = 1.0, chunk: int = 256):
     """(logp_BxT, entropy_BxT) of the head `w_DxV` over `h`, one chunk of T at a time."""
     B, T, D = h_BxTxD.shape
+    V = w_DxV.shape[1]
     chunk = min(chunk, T)
     n_chunks = -(-T // chunk)
     pad = n_chunks * chunk - T
@@ -475,17 +485,19 @@ def chunked_logprobs(h_BxTxD, w_DxV, targets_BxT, *, temperature: float = 1.0, c
     tgt_CxBxt = tgt.reshape(B, n_chunks, chunk).swapaxes(0, 1)
     w_DxV = w_DxV.astype(h_BxTxD.dtype)
 
-    @jax.checkpoint
     def one(args):
         h_Bxtxd, tgt_Bxt = args
         logits = jnp.einsum("BTD,DV->BTV", h_Bxtxd, w_DxV, preferred_element_type=jnp.float32)
         logits = logits / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, tgt_Bxt[..., None], axis=-1)[..., 0] - lse
-        probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
-        entropy = jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
+        # Entropy from the same logits and lse (one more exp, no second softmax), outside the gradient.
+        fixed, fixed_lse = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
+        entropy = fixed_lse - jnp.sum(jnp.exp(fixed - fixed_lse[..., None]) * fixed, axis=-1)
         return logp, entropy
 
+    if B * chunk * V * 4 > HEAD_REMAT_BYTES:
+        one = jax.checkpoint(one)
     logp_CxBxt, ent_CxBxt = jax.lax.map(one, (h_CxBxtxD, tgt_CxBxt))
     logp_BxT = logp_CxBxt.swapaxes(0, 1).reshape(B, -1)[:, :T]
     ent_BxT = ent_CxBxt.swapaxes(0, 1).reshape(B, -1)[:, :T]

@@ -150,6 +150,13 @@ def filter_logits(scaled_BxV, cfg: SamplerConfig):
     return jnp.where(keep_BxC, vals_BxC, neg_inf), ids_BxC
 
 
+def first_argmax(x_BxC):
+    """jnp.argmax over the last axis (the first index of the maximum) as a max and a min reduction."""
+    top_Bx1 = jnp.max(x_BxC, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x_BxC.shape, x_BxC.ndim - 1)
+    return jnp.min(jnp.where(x_BxC == top_Bx1, iota, x_BxC.shape[-1]), axis=-1)
+
+
 def sample_tokens(logits_BxV, key, cfg: SamplerConfig):
     """(token_B, logp_B): a draw per row and its log_softmax(logits / temperature)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
@@ -159,7 +166,10 @@ def sample_tokens(logits_BxV, key, cfg: SamplerConfig):
     else:
         scaled_BxV = logits_BxV / cfg.temperature
         cand_BxC, ids_BxC = filter_logits(scaled_BxV, cfg)
-        choice_B = jax.random.categorical(key, cand_BxC, axis=-1)
+        # jax.random.categorical's Gumbel-max draw, with its argmax as two single-operand reductions (XLA's
+        # CPU backend ran the (value, index) reduction of argmax ~5x slower): the same token for the same key.
+        perturbed_BxC = jax.random.gumbel(key, cand_BxC.shape, jnp.float32) + cand_BxC
+        choice_B = first_argmax(perturbed_BxC)
         token_B = choice_B if ids_BxC is None else jnp.take_along_axis(ids_BxC, choice_B[:, None], -1)[:, 0]
     picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], -1)[:, 0]
     logp_B = picked_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
@@ -190,8 +200,8 @@ def _cache_axes(cache: KVCache, model: Transformer) -> KVCache:
     if model.act_sharding is None:
         return cache
     c = model.act_sharding.constrain
-    kv = (None, "batch", None, "kv_heads", None)
-    return KVCache(c(cache.k_LxBxSxKxH, kv), c(cache.v_LxBxSxKxH, kv), c(cache.mask_BxS, ("batch", None)),
+    kv = (None, "batch", "kv_heads", None, None)
+    return KVCache(c(cache.k_LxBxKxSxH, kv), c(cache.v_LxBxKxSxH, kv), c(cache.mask_BxS, ("batch", None)),
                    cache.index)
 
 
@@ -226,8 +236,8 @@ def _prefill(graphdef, state, prompt_PxT, prompt_mask_PxT, key, cfg: SamplerConf
     # token drawn is never fed back).
     cache = KVCache.init(mcfg, P * G, T + N, dtype)
     cache = KVCache(
-        jax.lax.dynamic_update_slice(cache.k_LxBxSxKxH, group(pcache.k_LxBxSxKxH, 1), (0, 0, 0, 0, 0)),
-        jax.lax.dynamic_update_slice(cache.v_LxBxSxKxH, group(pcache.v_LxBxSxKxH, 1), (0, 0, 0, 0, 0)),
+        jax.lax.dynamic_update_slice(cache.k_LxBxKxSxH, group(pcache.k_LxBxKxSxH, 1), (0, 0, 0, 0, 0)),
+        jax.lax.dynamic_update_slice(cache.v_LxBxKxSxH, group(pcache.v_LxBxKxSxH, 1), (0, 0, 0, 0, 0)),
         jax.lax.dynamic_update_slice(cache.mask_BxS, group(prompt_mask_PxT, 0), (0, 0)),
         jnp.asarray(T, jnp.int32),
     )
@@ -461,8 +471,8 @@ def memory_report(mcfg: ModelConfig, cfg: SamplerConfig, prompts: int,
     param = jnp.dtype(mcfg.param_dtype).itemsize
     weights = sum(shard(param, v.get_value().shape, v.get_metadata().get("axes") or (None,) * v.get_value().ndim)
                   for v in jax.tree.leaves(nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    kv_axes = (None, "batch", None, "kv_heads", None)
-    prefill = (shard(kv, (2 * L, P, T, K, H), kv_axes)
+    kv_axes = (None, "batch", "kv_heads", None, None)
+    prefill = (shard(kv, (2 * L, P, K, T, H), kv_axes)
                + shard(act, (P, T, 2 * F), ("batch", None, "mlp"))
                + shard(act, (P, T, N + 2 * K, H), ("batch", None, "kv_heads", None))
                + shard(act, (P, T, 2 * D), ("batch", None, None))
@@ -472,7 +482,7 @@ def memory_report(mcfg: ModelConfig, cfg: SamplerConfig, prompts: int,
         rows=B,
         kv_bytes_per_row=KVCache.bytes_per_row(mcfg, S, cfg.cache_dtype or mcfg.compute_dtype),
         weights=weights,
-        kv_cache=shard(kv, (2 * L, B, S, K, H), kv_axes),
+        kv_cache=shard(kv, (2 * L, B, K, S, H), kv_axes),
         logits=shard(4, (B, 3, V), ("batch", None, "vocab")),
         prefill=prefill,
         rollout=shard(9, (B, cfg.max_new_tokens), ("batch", None)),

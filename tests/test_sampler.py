@@ -299,7 +299,7 @@ def test_memory_report_matches_allocations(model):
     assert report.kv_bytes_per_row == KVCache.bytes_per_row(CFG, 48)
     assert report.kv_cache == 8 * report.kv_bytes_per_row
     cache = KVCache.init(CFG, 8, 48)
-    assert report.kv_cache == cache.k_LxBxSxKxH.nbytes + cache.v_LxBxSxKxH.nbytes
+    assert report.kv_cache == cache.k_LxBxKxSxH.nbytes + cache.v_LxBxKxSxH.nbytes
     assert report.weights == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     # On a (2, 2, 2) mesh rows split 4 ways, kv heads 2 ways, weights about 2 ways.
     sharded = sampler.memory_report(CFG, cfg, prompts=2, mesh_shape=(2, 2, 2))
@@ -383,3 +383,18 @@ def test_cli_memory_and_byte_fallback(hf_folder, capsys):
     text = "Grüße 42 <think>"
     assert byte.decode(byte.encode(text)) == text
     assert byte.decode([72, 105, 300]) == "Hi<300>"
+
+
+def test_first_argmax_and_the_draw_equal_jax_random_categorical():
+    """The sampler's argmax (two plain reductions) picks jnp.argmax's index, ties and -inf included, so a draw is
+    jax.random.categorical's for the same key."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, (64, 50)).astype(np.float32)  # many ties
+    x[:, ::7] = -np.inf
+    np.testing.assert_array_equal(np.asarray(sampler.first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    logits = jnp.asarray(rng.normal(size=(32, 97)).astype(np.float32))
+    for seed in range(5):
+        key = jax.random.key(seed)
+        cfg = sampler.SamplerConfig(temperature=0.8)
+        token, _ = sampler.sample_tokens(logits, key, cfg)
+        np.testing.assert_array_equal(np.asarray(token), np.asarray(jax.random.categorical(key, logits / 0.8)))
