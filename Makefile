@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 RECIPE ?= r1_zero
 ARGS ?=
 
-.PHONY: venv train eval test test-slow bench bench-sampler clean
+.PHONY: venv train eval test test-slow bench bench-sampler bench-grpo clean
 
 venv: $(STAMP)
 
@@ -43,7 +43,14 @@ test: $(TEST_STAMP)
 test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
-bench: bench-sampler
+# Figures land in $(BENCH_OUT) as JSON beside the printed tables.
+BENCH_OUT ?= runs/bench
+
+bench: bench-grpo bench-sampler
+
+bench-grpo: $(BENCH_STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python -m r1jax.bench.grpo_step --json $(BENCH_OUT)/grpo_step.json $(ARGS)
 
 bench-sampler: $(BENCH_STAMP)
 	$(BIN)/python -m r1jax.bench.sampler $(ARGS)

@@ -10,12 +10,15 @@ The workload (issue 11): P = 8 prompts x G = 8 samples, prompts of exactly 128 t
 step (compilation, allocation) and then `--steps` steps; figures are medians over those.
 
 r1jax runs its real RL stage (`rl.grpo_stage`) and reads the split it logs. TRL is timed by wrapping its
-generation and reward methods; its update is the step's remainder after generate-and-score.
+generation and reward methods; its update is the step's remainder after generate-and-score. Neither
+rematerialises activations (TRL's default gradient checkpointing is turned off), and each runs in a process of
+its own.
 """
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,7 +144,9 @@ def run_trl(folder: str, steps: int, microbatches: int, out_dir: str, threads: i
         gradient_accumulation_steps=microbatches, num_generations=GROUP, max_completion_length=NEW_TOKENS,
         max_steps=steps + 1, learning_rate=LR, beta=BETA, num_iterations=1, temperature=1.0, top_p=1.0,
         use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, seed=0, dataloader_num_workers=0, shuffle_dataset=False)
+        disable_tqdm=True, seed=0, dataloader_num_workers=0, shuffle_dataset=False,
+        # TRL defaults to activation checkpointing; r1jax here keeps activations (remat "none"): like for like.
+        gradient_checkpointing=False)
     trainer = trl.GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[length_reward],
                               args=config, train_dataset=data, callbacks=[StepTimer()])
     trainer._generate = timed("generate", trainer._generate)
@@ -191,20 +196,40 @@ def main(argv=None) -> int:
     parser.add_argument("--scan-layers", action="store_true",
                         help="r1jax's layers as one scan (default: unrolled, as the CPU recipes run them)")
     parser.add_argument("--json", default="", help="write the figures here as well")
+    parser.add_argument("--worker", choices=("r1jax", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.worker:  # one framework in a process of its own: neither's thread pools linger into the other's timing
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.worker == "trl":
+                rows = run_trl(args.folder, args.steps, args.microbatches, tmp, args.threads)
+            else:
+                rows = run_r1jax(args.folder, args.steps, args.microbatches, tmp, args.scan_layers)
+        with open(args.json, "w") as f:
+            json.dump(median(rows), f)
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "model")
         make_folder(folder, args.shape)
-        # TRL first, in its own process state before XLA starts its thread pool (as the sampler bench does).
-        theirs = None if args.no_trl else median(run_trl(folder, args.steps, args.microbatches,
-                                                          os.path.join(tmp, "trl"), args.threads))
-        ours = median(run_r1jax(folder, args.steps, args.microbatches, os.path.join(tmp, "r1jax"), args.scan_layers))
+
+        def worker(name: str) -> dict:
+            out = os.path.join(tmp, f"{name}.json")
+            cmd = [sys.executable, "-m", "r1jax.bench.grpo_step", "--worker", name, "--folder", folder, "--json", out,
+                   "--shape", args.shape, "--microbatches", str(args.microbatches), "--steps", str(args.steps),
+                   "--threads", str(args.threads)] + (["--scan-layers"] if args.scan_layers else [])
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                return json.load(f)
+
+        theirs = None if args.no_trl else worker("trl")
+        ours = worker("r1jax")
     import jax
 
     print(f"GRPO step on {jax.devices()[0].device_kind}: shape {args.shape}, {PROMPTS} prompts x {GROUP} samples, "
           f"{PROMPT_LEN}-token prompts, up to {NEW_TOKENS} new tokens, {args.microbatches} microbatch(es), fp32, "
-          f"median of {args.steps} steps after a warm-up")
+          f"median of {args.steps} steps after a warm-up, each framework in its own process")
     print(table(ours, theirs))
     if args.json:
         with open(args.json, "w") as f:
