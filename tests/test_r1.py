@@ -15,7 +15,6 @@ TIMING = ("time_rollout_s", "time_train_s", "time_step_s", "time_sample_s", "tim
           "time_update_s", "time_idle_s", "tokens_per_s")
 RL = ["steps=2", "prompts_per_step=4", "group_size=4", "minibatches=2", "max_new_tokens=40", "checkpoint_every=1"]
 TINY = [
-    "scan_layers=true",  # one compiled layer: the suite is compile-bound (the CPU preset unrolls; tested apart)
     "base.corpus_size=300", "base.general_size=40", "base.general_eval_size=4", "base.pretrain.steps=4",
     "base.pretrain.batch_size=8", "base.pretrain.max_len=96", "base.cold_start_size=32", "base.pairs=32",
     "cold_start.steps=2", "cold_start.batch_size=8", "cold_start.max_len=96",

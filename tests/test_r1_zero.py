@@ -13,7 +13,6 @@ from r1jax.metrics import read_metrics
 from recipes import r1_zero
 
 TINY = [
-    "scan_layers=true",  # one compiled layer: the suite is compile-bound (the CPU preset unrolls; tested apart)
     "base.corpus_size=400", "base.pretrain.steps=3", "base.pretrain.batch_size=8", "base.pretrain.max_len=96",
     "rl.steps=4", "rl.prompts_per_step=4", "rl.group_size=4", "rl.minibatches=2", "rl.max_new_tokens=24",
     "rl.checkpoint_every=2", "eval.every=2", "eval.num_prompts=8", "eval.samples=2",
