@@ -313,8 +313,7 @@ class Transformer(nnx.Module):
             positions_BxT = positions_from_segments(segment_ids_BxT) if positions_BxT is None else positions_BxT
         if mask_BxT is None:
             mask_BxT = jnp.ones((B, T), bool)
-        x_BxTxD = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(dt)
-        x_BxTxD = self._constrain(x_BxTxD, ("batch", None, None))
+        x_BxTxD = self._embed(tokens_BxT)
 
         if cache is None:
             q_slot_T = jnp.arange(T)
@@ -366,7 +365,7 @@ class Transformer(nnx.Module):
         Q*Tp + B*T tokens instead of B*(Tp + T). A continuation attends to its prompt's keys and values,
         repeated `share` times (so their gradients sum over the rows), then to its own earlier tokens.
         """
-        cfg, dt = self.cfg, self.cfg.compute_dtype
+        cfg = self.cfg
         Q, Tp = prompt_QxTp.shape
         B, T = tokens_BxT.shape
         if B != Q * share:
@@ -392,11 +391,13 @@ class Transformer(nnx.Module):
             out_c = attention(q_c, k_all, v_all, mask_c, impl=cfg.attn_impl)
             return self._attn_out_and_mlp(x_p, out_p, p), self._attn_out_and_mlp(x_c, out_c, p)
 
-        embed = lambda t: self._constrain(jnp.take(self.embed.get_value(), t, axis=0).astype(dt),  # noqa: E731
-                                          ("batch", None, None))
-        x_p, x_c = self._layers(block, (embed(prompt_QxTp), embed(tokens_BxT)))
+        x_p, x_c = self._layers(block, (self._embed(prompt_QxTp), self._embed(tokens_BxT)))
         norm = lambda x: rms_norm(x, self.final_norm.get_value(), cfg.norm_eps)  # noqa: E731
         return norm(x_p), norm(x_c)
+
+    def _embed(self, tokens_BxT):
+        x_BxTxD = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+        return self._constrain(x_BxTxD, ("batch", None, None))
 
     def _qkv(self, x_BxTxD, p, cos_BxTxH, sin_BxTxH):
         """One layer's roped queries, keys and values of x."""

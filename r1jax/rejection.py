@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import random
+from collections.abc import Iterable
 
 from r1jax.sft_data import RecordSource
 
@@ -120,14 +121,20 @@ def _general_chat(record: dict) -> dict:
     raise ValueError(f"a general SFT record needs 'messages' or 'prompt' and 'completion'; it has {sorted(record)}")
 
 
-def _write_atomically(path: str, text: str) -> None:
+def _write_atomically(path: str, parts: Iterable[str]) -> None:
+    """Write `parts` (produced as they are written) to a temporary file, then put it in place; if producing them
+    fails, `path` is left as it was and no temporary file remains."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(parts)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_dataset(path: str, reasoning_kept: list[dict], general: RecordSource | list[dict], *, seed: int,
@@ -141,31 +148,25 @@ def write_dataset(path: str, reasoning_kept: list[dict], general: RecordSource |
     general = general if isinstance(general, RecordSource) else RecordSource(general)
     n_general = min(len(general), general_limit) if general_limit else len(general)
     counts = collections.Counter()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            order = list(range(len(reasoning_kept) + n_general))
-            random.Random(seed).shuffle(order)
-            for i in order:
-                if i < len(reasoning_kept):
-                    record = to_chat(reasoning_kept[i])
-                else:
-                    row = general.record(i - len(reasoning_kept))
-                    record = {**_general_chat(row), "task": row.get("task") or "general"}
-                counts[record["task"]] += 1
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    order = list(range(len(reasoning_kept) + n_general))
+    random.Random(seed).shuffle(order)
+
+    def lines():
+        for i in order:
+            if i < len(reasoning_kept):
+                record = to_chat(reasoning_kept[i])
+            else:
+                row = general.record(i - len(reasoning_kept))
+                record = {**_general_chat(row), "task": row.get("task") or "general"}
+            counts[record["task"]] += 1
+            yield json.dumps(record, ensure_ascii=False) + "\n"
+
+    _write_atomically(path, lines())
     return dict(sorted(counts.items()))
 
 
 def write_stats(path: str, stats: dict) -> None:
-    _write_atomically(path, json.dumps(stats, indent=2) + "\n")
+    _write_atomically(path, [json.dumps(stats, indent=2) + "\n"])
 
 
 def describe(stats: dict) -> str:

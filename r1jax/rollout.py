@@ -95,7 +95,7 @@ class Completions:
     prompt_mask_BxTp: np.ndarray
     tokens_BxT: np.ndarray
     mask_BxT: np.ndarray
-    logp_BxT: np.ndarray  # the sampler's log-probs (of the distribution it sampled from)
+    logp_BxT: np.ndarray  # the sampler's log-probs: log_softmax(logits / temperature), before top-k/top-p
     truncated_B: np.ndarray
     rows: range
     texts: list[str]

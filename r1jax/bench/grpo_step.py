@@ -42,10 +42,10 @@ def length_reward(completions, examples=None, **_):
 def make_folder(folder: str, shape: str) -> None:
     """A random transformers model of the shape (Qwen2 when it has qkv biases, else Llama) and a word-level
     tokenizer whose words are single tokens, so a 128-word prompt is 128 tokens for both frameworks."""
-    import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from r1jax.bench.sampler import hf_twin
     from r1jax.model import ModelConfig
 
     spec = dict(SHAPES[shape])
@@ -56,17 +56,7 @@ def make_folder(folder: str, shape: str) -> None:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=word, eos_token="<eos>", pad_token="<eos>",
                                                 unk_token="<unk>")
     fast.save_pretrained(folder)
-    common = dict(vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.d_ff,
-                  num_hidden_layers=mcfg.n_layers, num_attention_heads=mcfg.n_heads,
-                  num_key_value_heads=mcfg.n_kv_heads, head_dim=mcfg.head_dim,
-                  tie_word_embeddings=mcfg.tie_embeddings, rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.norm_eps,
-                  max_position_embeddings=mcfg.max_seq_len, eos_token_id=1, pad_token_id=1, bos_token_id=None)
-    torch.manual_seed(0)
-    if mcfg.qkv_bias:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    model.save_pretrained(folder)
+    hf_twin(mcfg, "float32", folder, qwen2=mcfg.qkv_bias, eos_token_id=1, pad_token_id=1, bos_token_id=None)
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[str]:

@@ -77,20 +77,24 @@ def time_r1jax(model, prompts, cfg: sampler.SamplerConfig, repeats: int) -> dict
     return dict(ttft=statistics.median(ttft), decode=statistics.median(decode), generated=generated)
 
 
-def hf_twin(mcfg: ModelConfig, dtype: str, folder: str):
-    """A random transformers Qwen2 with the preset's sizes (qkv bias included, as every Qwen2 has), saved to
-    `folder` so r1jax loads the identical weights."""
+def hf_twin(mcfg: ModelConfig, dtype: str, folder: str, *, qwen2: bool = True, **config):
+    """A random transformers model with the preset's sizes, a Qwen2 (qkv bias included, as every Qwen2 has) or a
+    Llama, saved to `folder` so r1jax loads the identical weights; `config` adds to its config."""
     import torch
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(
+    common = dict(
         vocab_size=mcfg.vocab_size, hidden_size=mcfg.d_model, intermediate_size=mcfg.d_ff,
         num_hidden_layers=mcfg.n_layers, num_attention_heads=mcfg.n_heads, num_key_value_heads=mcfg.n_kv_heads,
         head_dim=mcfg.head_dim, tie_word_embeddings=mcfg.tie_embeddings, rope_theta=mcfg.rope_theta,
-        rms_norm_eps=mcfg.norm_eps, max_position_embeddings=mcfg.max_seq_len)
-    model = transformers.Qwen2ForCausalLM(config).eval().to(getattr(torch, dtype))
+        rms_norm_eps=mcfg.norm_eps, max_position_embeddings=mcfg.max_seq_len, **config)
+    if qwen2:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    model = model.eval().to(getattr(torch, dtype))
     model.save_pretrained(folder)
     return model
 
