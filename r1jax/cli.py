@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--recipe", default="r1_zero")
         p.add_argument("--preset", default=None, help="the recipe's named preset (default: its CPU default)")
         p.add_argument("-h", "--help", action="store_true", help="list every setting of the recipe")
+        if command == "eval":
+            p.add_argument("--model", default="", help="an HF folder or checkpoint (default: the run's last policy)")
+            p.add_argument("--out", default="", help="the results JSON (default: eval-<model>.json in the run dir)")
         p.add_argument("overrides", nargs="*", help="key=value settings, e.g. rl.group_size=8")
     from r1jax import sample_cli
 
@@ -47,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return run.train(recipe, cfg)
-    return run.evaluate(recipe, cfg)
+    return run.evaluate(recipe, cfg, args.model, args.out)

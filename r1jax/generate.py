@@ -1,5 +1,6 @@
 """The generation stage: k sampled completions for every prompt of a dataset, written as JSONL after every
-batch and resumable exactly (rejection sampling uses it; distillation's teacher traces will too).
+batch, resumable exactly and incremental (records appended to the dataset are sampled on the next run; rejection
+sampling and distillation's teacher traces use it).
 
 Shapes: P prompts per batch, G = k samples per prompt, B = P*G rows (prompt-major), T completion length.
 
@@ -115,17 +116,24 @@ def _complete_ends(path: str, batch_rows: list[list[tuple[int, int]]]) -> list[i
     return ends
 
 
-def _check_settings(directory: str, settings: dict) -> None:
-    """Write the settings on the first run; later runs must match them (lines of other settings are not resumable)."""
+def _check_settings(directory: str, settings: dict, records: list[dict]) -> None:
+    """Write the settings on the first run; later runs must match them (lines of other settings are not
+    resumable), except that the records may have grown: when the earlier records are the first ones of the new
+    list, the run is incremental (finished batches are kept; new and unfinished ones are sampled)."""
     path = os.path.join(directory, "generation.json")
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
         changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
-        if changed:
+        grown = (set(changed) <= {"records", "records_sha256"} and settings["records"] > before.get("records", 0)
+                 and _fingerprint(records[: before["records"]]) == before.get("records_sha256"))
+        if changed and not grown:
             raise ValueError(f"{directory} was generated with other settings ({', '.join(changed)} differ); "
-                             "restore them, or remove the directory to start over")
-        return
+                             "restore them (or only append records), or remove the directory to start over")
+        if not changed:
+            return
+        print(f"[r1jax] {directory}: {settings['records'] - before['records']} records appended since the last run; "
+              "sampling them")
     # Every process writes the same content (the directory may or may not be shared): a unique tmp, then replace.
     tmp = f"{path}.tmp-{jax.process_index()}"
     with open(tmp, "w") as f:
@@ -171,7 +179,7 @@ def generate_samples(ctx: Context, policy: Policy, records: list[dict], *, name:
     os.makedirs(directory, exist_ok=True)
     _check_settings(directory, {**dataclasses.asdict(cfg), "seed": ctx.seed + seed_offset,
                                 "processes": jax.process_count(), "records": len(records),
-                                "records_sha256": _fingerprint(records)})
+                                "records_sha256": _fingerprint(records)}, records)
     shard = shard_path(directory, jax.process_index(), jax.process_count())
     batch_rows = _batch_rows(ids, cfg)
     ends = _complete_ends(shard, batch_rows)

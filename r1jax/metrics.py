@@ -374,7 +374,12 @@ def stage_table(evals: list[dict], stages: list[str]) -> str:
     return _table(rows)
 
 
-def _table(rows: list[tuple[str, dict]]) -> str:
+def metrics_table(rows: list[tuple[str, dict]]) -> str:
+    """Eval metrics as a table, one labelled row each (no step column)."""
+    return _table(rows, steps=False)
+
+
+def _table(rows: list[tuple[str, dict]], steps: bool = True) -> str:
     columns = [("eval_accuracy", "accuracy (pass@1)", True)]
     # maj@k is logged as eval_maj<k>_accuracy (e.g. eval_maj4_accuracy), or eval_maj_accuracy.
     maj = sorted({k for _, r in rows for k in r if re.fullmatch(r"eval_maj\d*_accuracy", k)})
@@ -395,7 +400,8 @@ def _table(rows: list[tuple[str, dict]]) -> str:
         return f"{float(v):.1%}" if pct else f"{float(v):.2f}" if key == "eval_rm_score" else f"{float(v):.1f}"
 
     table = [[""] + [title for _, title, _ in columns]]
-    table += [[f"{label} (step {r['step']})"] + [cell(r, k, pct) for k, _, pct in columns] for label, r in rows]
+    table += [[f"{label} (step {r['step']})" if steps else label] + [cell(r, k, pct) for k, _, pct in columns]
+              for label, r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in table]

@@ -97,6 +97,12 @@ class ModelConfig:
                    head_dim=32, d_ff=384, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512)
 
     @classmethod
+    def toy_student(cls) -> "ModelConfig":
+        """The distillation recipe's CPU student: a fifth of `toy`'s parameters at the same vocabulary."""
+        return cls("toy-student", vocab_size=512, d_model=64, n_layers=3, n_heads=2, n_kv_heads=1,
+                   head_dim=32, d_ff=192, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512)
+
+    @classmethod
     def _qwen2(cls, name, V, D, L, N, K, F, tie, theta=1e6, max_len=32768) -> "ModelConfig":
         return cls(name, vocab_size=V, d_model=D, n_layers=L, n_heads=N, n_kv_heads=K,
                    head_dim=D // N, d_ff=F, rope_theta=theta, qkv_bias=True,
@@ -173,6 +179,7 @@ class ModelConfig:
 
 PRESETS = {
     "toy": "toy",
+    "toy-student": "toy_student",
     "qwen2.5-0.5b": "qwen2_5_0_5b",
     "qwen2.5-1.5b": "qwen2_5_1_5b",
     "qwen2.5-7b": "qwen2_5_7b",

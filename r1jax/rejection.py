@@ -121,7 +121,7 @@ def _general_chat(record: dict) -> dict:
     raise ValueError(f"a general SFT record needs 'messages' or 'prompt' and 'completion'; it has {sorted(record)}")
 
 
-def _write_atomically(path: str, parts: Iterable[str]) -> None:
+def write_atomically(path: str, parts: Iterable[str]) -> None:
     """Write `parts` (produced as they are written) to a temporary file, then put it in place; if producing them
     fails, `path` is left as it was and no temporary file remains."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -161,12 +161,12 @@ def write_dataset(path: str, reasoning_kept: list[dict], general: RecordSource |
             counts[record["task"]] += 1
             yield json.dumps(record, ensure_ascii=False) + "\n"
 
-    _write_atomically(path, lines())
+    write_atomically(path, lines())
     return dict(sorted(counts.items()))
 
 
 def write_stats(path: str, stats: dict) -> None:
-    _write_atomically(path, [json.dumps(stats, indent=2) + "\n"])
+    write_atomically(path, [json.dumps(stats, indent=2) + "\n"])
 
 
 def describe(stats: dict) -> str:

@@ -5,6 +5,7 @@ Shapes: P prompts per step, G completions per prompt, B = P*G rows, Tp prompt
 length, T completion length.
 """
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -228,16 +229,27 @@ def collect_step(model, take, key, cfg: RLConfig, scfg, tok, render, rewards, st
     return kept, stats
 
 
+# update(state, batch, key) -> (state, metrics): one step's optimizer updates from a batch of rollouts.
+Update = Callable[[train.TrainState, train.RLBatch, jax.Array], tuple[train.TrainState, dict]]
+
+
 def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_records: list[dict],
                rewards: RewardSet, render: Callable[[str], str], evaluation: Evaluation | None = None,
-               evaluate_start: bool = True) -> Policy:
+               evaluate_start: bool = True, update: Update | None = None) -> Policy:
     """Run `cfg.steps` GRPO steps from `policy`; resumes from the stage's last readable checkpoint.
 
     Evaluations run at step 0 (unless `evaluate_start` is False: the policy was just evaluated by the
     stage before), every `evaluation.cfg.every` steps and at the end (none without an enabled evaluation);
     one that a stop or a crash cut short runs again on resume. SIGTERM is
     polled between steps, evaluation batches and decode segments; the loop saves and leaves.
+
+    `update` replaces the GRPO update and its reference / old-policy forwards with another learning rule on the
+    same rollouts (on-policy distillation: r1jax.distill); the rewards are then measured, not optimised. Its
+    metrics are logged as they come.
     """
+    if update is not None and (cfg.kl_coef or cfg.recompute_old_logp or cfg.mu != 1):
+        raise ValueError(f"{name}: with another update than GRPO's, kl_coef must be 0, recompute_old_logp false "
+                         "and mu 1 (the update owns its loss and its passes)")
     cfg.check_mesh(ctx.mesh)
     tok, mesh = policy.tokenizer, ctx.mesh
     P, G = cfg.prompts_per_step, cfg.group_size
@@ -335,7 +347,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         batch = train.RLBatch(prompt_BxTp, prompt_mask_BxTp, completion_BxT, loss_mask_BxT, old_logp, ref_logp,
                               put(adv_B))
         lr = float(schedule(int(sharding.host_array(state.step))))
-        state, update_metrics = train.rl_update(state, batch, jax.random.fold_in(step_key, 1), hp)
+        state, update_metrics = (update or functools.partial(train.rl_update, hp=hp))(
+            state, batch, jax.random.fold_in(step_key, 1))
         update_metrics = jax.tree.map(sharding.host_array, update_metrics)
         t2 = time.perf_counter()
 
@@ -365,7 +378,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         }
         if cfg.overlong_buffer:
             record["overlong_penalty_mean"] = float((groups.rewards_B - groups.task_rewards_B).mean())
-        if not use_ref:
+        if not use_ref and update is None:
             record["kl"] = 0.0
         ctx.logger.log_step(record)
         progress.update(step + 1, record)

@@ -2,13 +2,16 @@
 policy handed from stage to stage, resumption (finished stages are skipped; the current one
 continues from its checkpoint), `start_at=<stage>`, and the final table, plot and paths.
 
-A recipe module is its config (a `RunConfig` subclass), `PRESETS` and `stages(cfg)`.
+A recipe module is its config (a `RunConfig` subclass), `PRESETS` and `stages(cfg)`; optionally
+`evaluation(cfg)` (what `python -m r1jax eval` measures) and `table(cfg, evals, seconds)` (the final table, from
+the run's eval records and each stage's wall time).
 """
 import contextlib
 import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 import jax
@@ -17,7 +20,7 @@ from jax.sharding import Mesh
 from r1jax import config as config_lib
 from r1jax import hf, sharding
 from r1jax.checkpoint import CheckpointError, graceful_sigterm
-from r1jax.metrics import MetricsLogger, evaluated_steps, plot_run, read_metrics, stage_table
+from r1jax.metrics import MetricsLogger, evaluated_steps, metrics_table, plot_run, read_metrics, stage_table
 from r1jax.model import ModelConfig, Transformer, create_model
 from r1jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -176,9 +179,25 @@ def _apply_start_at(ctx: Context, stages: list[Stage], record: dict, start_at: s
         ctx.logger.purge(name, -1)
     record["done"] = [n for n in record["done"] if n in names[:i]]
     record["outputs"] = {n: v for n, v in record["outputs"].items() if n in names[:i]}
+    record["seconds"] = {n: v for n, v in record.get("seconds", {}).items() if n in names[:i]}
     record["start_at"] = start_at
     _write_record(ctx, record)
     sharding.allgather_json(None)  # every process waits for the moves
+
+
+def _add_seconds(ctx: Context, record: dict, name: str, seconds: float) -> None:
+    """A stage's wall time, summed over the attempts that ran it (loading its input included), in stages.json."""
+    record.setdefault("seconds", {})[name] = record["seconds"].get(name, 0.0) + seconds
+    _write_record(ctx, record)
+
+
+def stage_seconds(run_dir: str) -> dict[str, float]:
+    """Each stage's wall time as `run_stages` recorded it ({} for a run without the record)."""
+    path = os.path.join(run_dir, STAGES_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("seconds", {})
 
 
 def run_stages(ctx: Context, stages: list, start_at: str = "") -> Policy | None:
@@ -216,8 +235,14 @@ def run_stages(ctx: Context, stages: list, start_at: str = "") -> Policy | None:
         if not stage.keep or stage.name in record["done"]:
             continue
         print(f"[r1jax] stage {stage.name}: starting")
-        policy = output_of(inputs[stage.name])
-        out = stage.fn(ctx, policy)
+        started = time.monotonic()
+        try:
+            policy = output_of(inputs[stage.name])
+            out = stage.fn(ctx, policy)
+        except Preempted:
+            _add_seconds(ctx, record, stage.name, time.monotonic() - started)
+            raise
+        _add_seconds(ctx, record, stage.name, time.monotonic() - started)
         if out is None:
             record["outputs"][stage.name] = "input"
             out = policy
@@ -287,7 +312,12 @@ def train(recipe, cfg: RunConfig, *, stop=None) -> int:
         plot_run(metrics_path, os.path.join(cfg.run_dir, "reward.png"))
         evals = read_metrics(metrics_path, kind="eval")
         names = [s.name for s in stages]
-        print(stage_table(evals, names) if evals else "[r1jax] no evaluations were run (eval.every=0 or no eval data)")
+        if not evals:
+            print("[r1jax] no evaluations were run (eval.every=0 or no eval data)")
+        elif hasattr(recipe, "table"):  # a recipe may print its own comparison
+            print(recipe.table(cfg, evals, stage_seconds(cfg.run_dir)))
+        else:
+            print(stage_table(evals, names))
         finals = [s.name for s in stages if s.keep and os.path.isdir(ctx.final_dir(s.name))]
         if finals:
             print(f"[r1jax] final checkpoint: {os.path.abspath(ctx.final_dir(finals[-1]))}")
@@ -303,9 +333,11 @@ def config(recipe, preset: str | None, overrides: list[str]):
     return config_lib.override(presets[preset or "cpu"](), overrides)
 
 
-def evaluate(recipe, cfg: RunConfig, model: str = "") -> int:
+def evaluate(recipe, cfg: RunConfig, model: str = "", out: str = "") -> int:
     """Evaluate an HF folder (`model`, or the config's `model=` when it is one), else the run's last kept
-    policy, on the recipe's evaluation (`recipe.evaluation(cfg)`); prints the metrics as JSON."""
+    policy, on the recipe's evaluation (`recipe.evaluation(cfg)`: its `data.eval` and `eval.*` settings, R1's
+    temperature 0.6 and top-p 0.95 by default). Prints a table and the metrics as JSON, and writes them with the
+    settings to `out` (default: eval-<model folder name>.json in the run dir)."""
     path = model or (cfg.model if os.path.isdir(getattr(cfg, "model", "")) else "")
     if not path:
         stages = [_as_stage(s) for s in recipe.stages(cfg)]
@@ -321,7 +353,18 @@ def evaluate(recipe, cfg: RunConfig, model: str = "") -> int:
         policy = load_policy(path, ctx, getattr(cfg, "tokenizer", ""))
         metrics, samples = evaluation.measure(ctx, policy.model, policy.tokenizer, step=0)
         ctx.logger.close()
-    print(json.dumps({"model": path, **metrics}, indent=2))
+    result = {"model": os.path.abspath(path), "settings": dataclasses.asdict(evaluation.cfg),
+              "data": getattr(getattr(cfg, "data", None), "eval", "") or "(the recipe's built-in split)", **metrics}
+    name = os.path.basename(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) != "final" \
+        else os.path.basename(os.path.dirname(os.path.normpath(path)))
+    out = out or os.path.join(cfg.run_dir, f"eval-{name}.json")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(metrics_table([(name, metrics)]))
+    print(json.dumps(result, indent=2))
     for s in samples[:2]:
         print(f"--- {s['prompt']!r} -> {s['completion']!r}")
+    print(f"[r1jax] results: {os.path.abspath(out)}")
     return 0

@@ -72,6 +72,7 @@ class SFTConfig:
 
 
 Source = str | os.PathLike | Sequence[str] | Sequence[dict] | Sequence[tuple[str, str]]
+Step = Callable[[train.TrainState, train.SFTBatch], tuple[train.TrainState, dict]]
 Evaluation = Callable[..., None]  # evaluation(ctx, model, tokenizer, stage, step): samples and logs one eval record
 
 
@@ -187,9 +188,12 @@ def _batch_stats(batch: train.SFTBatch) -> dict:
 
 
 def sft_stage(ctx, policy, data, cfg: SFTConfig, *, name: str, seed: int, evaluation: Evaluation | None = None,
-              evaluate_start: bool = False):
+              evaluate_start: bool = False, step_fn: Step | None = None):
     """Train `policy` on `data` (see the module docstring) and return it; resumes from the stage's last
     checkpoint, which holds the train state and every process's data position.
+
+    `step_fn(state, batch) -> (state, metrics)` replaces the cross-entropy step (logit distillation:
+    r1jax.distill); its metrics must hold "loss", "grad_norm" and "nonfinite_updates".
 
     Per-step metrics go to the stage's own metrics.jsonl (run_dir/<name>/), so the run's main file holds
     the RL steps and evaluations that DESIGN.md's contract describes. `evaluation(ctx, model, tokenizer,
@@ -265,7 +269,10 @@ def sft_stage(ctx, policy, data, cfg: SFTConfig, *, name: str, seed: int, evalua
     for step in range(start, steps):
         batch = device_batch(batches.next(), mesh, cfg.pack)
         pack_counts = (batches.stats.truncated, batches.stats.dropped)
-        state, metrics = train.sft_step(state, batch, microbatches=cfg.microbatches)
+        if step_fn is None:
+            state, metrics = train.sft_step(state, batch, microbatches=cfg.microbatches)
+        else:
+            state, metrics = step_fn(state, batch)
         metrics = {**metrics, **_batch_stats(batch)}
         if pending is not None:
             finish(*pending)

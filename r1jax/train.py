@@ -83,12 +83,11 @@ def create_train_state(model: Transformer, tx: optax.GradientTransformation) -> 
     return TrainState(step=step, params=params, opt_state=opt_state, graphdef=graphdef, tx=tx)
 
 
-def completion_logprobs(model: Transformer, prompt_BxTp, prompt_mask_BxTp, completion_BxT,
-                        completion_mask_BxT, *, temperature: float = 1.0, chunk: int = 256, share: int = 1):
-    """(logp_BxT, entropy_BxT) of the completion tokens given their (left-padded) prompts.
+def completion_hidden(model: Transformer, prompt_BxTp, prompt_mask_BxTp, completion_BxT, completion_mask_BxT, *,
+                      share: int = 1) -> jax.Array:
+    """h_BxTxD: the final hidden state at each position that predicts a completion token (the prompt's last
+    column, then every completion column but the last), from one forward over prompt+completion.
 
-    One forward over prompt+completion; the head runs only on the positions that
-    predict completion tokens, in chunks (never a full fp32 BxSxV logits tensor).
     `share` > 1: every block of `share` consecutive rows has the same prompt (GRPO's groups, prompt-major),
     and each prompt runs once for its block (`Transformer.hidden_shared_prompt`); same result, less work.
     """
@@ -99,12 +98,22 @@ def completion_logprobs(model: Transformer, prompt_BxTp, prompt_mask_BxTp, compl
         h_QxTpxD, h_BxTxD = model.hidden_shared_prompt(first(prompt_BxTp), first(prompt_mask_BxTp),
                                                        completion_BxT, completion_mask_BxT, share)
         # The prompt's last column (a real token: left padding) predicts the first completion token.
-        h_BxTxD = jnp.concatenate([jnp.repeat(h_QxTpxD[:, -1:], share, axis=0), h_BxTxD[:, :-1]], axis=1)
-    else:
-        tokens_BxS = jnp.concatenate([prompt_BxTp, completion_BxT], axis=1)
-        mask_BxS = jnp.concatenate([prompt_mask_BxTp, completion_mask_BxT], axis=1)
-        h_BxSxD, _ = model.hidden(tokens_BxS, positions_from_mask(mask_BxS), mask_BxS)
-        h_BxTxD = h_BxSxD[:, Tp - 1 : -1]
+        return jnp.concatenate([jnp.repeat(h_QxTpxD[:, -1:], share, axis=0), h_BxTxD[:, :-1]], axis=1)
+    tokens_BxS = jnp.concatenate([prompt_BxTp, completion_BxT], axis=1)
+    mask_BxS = jnp.concatenate([prompt_mask_BxTp, completion_mask_BxT], axis=1)
+    h_BxSxD, _ = model.hidden(tokens_BxS, positions_from_mask(mask_BxS), mask_BxS)
+    return h_BxSxD[:, Tp - 1 : -1]
+
+
+def completion_logprobs(model: Transformer, prompt_BxTp, prompt_mask_BxTp, completion_BxT,
+                        completion_mask_BxT, *, temperature: float = 1.0, chunk: int = 256, share: int = 1):
+    """(logp_BxT, entropy_BxT) of the completion tokens given their (left-padded) prompts.
+
+    One forward over prompt+completion (`completion_hidden`, `share` as there); the head runs only on the
+    positions that predict completion tokens, in chunks (never a full fp32 BxSxV logits tensor).
+    """
+    h_BxTxD = completion_hidden(model, prompt_BxTp, prompt_mask_BxTp, completion_BxT, completion_mask_BxT,
+                                share=share)
     return chunked_logprobs(h_BxTxD, model.head_weight_DxV(), completion_BxT,
                             temperature=temperature, chunk=chunk)
 
@@ -278,6 +287,51 @@ class SFTBatch:
     positions_BxS: jax.Array | None = None
 
 
+def sft_weight(batch: SFTBatch) -> jax.Array:
+    """w_BxS': the positions whose next token is trained (targets are tokens[:, 1:]; a packed example's first
+    token is never predicted)."""
+    w_BxS = batch.loss_mask_BxS[:, 1:]
+    if batch.segment_ids_BxS is not None:
+        w_BxS = w_BxS & (batch.segment_ids_BxS[:, 1:] == batch.segment_ids_BxS[:, :-1])
+    return w_BxS
+
+
+def sft_hidden(model: Transformer, batch: SFTBatch) -> jax.Array:
+    """h_BxS'xD: the final hidden state at each position but the last (each predicts the token after it)."""
+    inputs, mask = batch.tokens_BxS[:, :-1], batch.mask_BxS[:, :-1]
+    if batch.segment_ids_BxS is None:
+        segments, positions = None, positions_from_mask(mask)
+    else:  # without positions, hidden() restarts them at each segment
+        segments = batch.segment_ids_BxS[:, :-1]
+        positions = None if batch.positions_BxS is None else batch.positions_BxS[:, :-1]
+    h_BxSxD, _ = model.hidden(inputs, positions, mask, segment_ids_BxT=segments)
+    return h_BxSxD
+
+
+def accumulate_grads(grad_fn, params, batch, microbatches: int, *, strided: bool = True):
+    """(loss, grads) of `grad_fn(params, part) -> (loss, grads)` summed over `microbatches` parts of `batch`;
+    each part's loss must already be divided by the whole batch's normalizer, so the sums equal the one-pass loss
+    and gradient. Strided parts (part j holds rows j, j + n, j + 2n, ...) keep each device's rows on it;
+    `strided=False` takes consecutive rows (blocks of rows sharing a prompt stay whole)."""
+    if microbatches == 1:
+        return grad_fn(params, batch)
+    B = jax.tree.leaves(batch)[0].shape[0]
+    if strided:
+        split = lambda x: x.reshape(B // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+    else:
+        split = lambda x: _split(x, microbatches)  # noqa: E731
+
+    def add(carry, part):
+        loss, g = grad_fn(params, part)
+        return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], g)), None
+
+    parts = jax.tree.map(split, batch)
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], parts))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (loss, grads), _ = jax.lax.scan(add, zeros, parts)
+    return loss, grads
+
+
 @functools.partial(jax.jit, donate_argnames="state", static_argnames=("chunk", "microbatches"))
 def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256, microbatches: int = 1):
     """One optimizer step of next-token cross-entropy over the trained tokens.
@@ -290,41 +344,18 @@ def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256, microbatches:
     if B % microbatches:
         raise ValueError(f"batch of {B} rows does not split into {microbatches} microbatches")
 
-    def weight(b):  # targets tokens[:, 1:]; a packed example's first token is never predicted
-        w_BxS = b.loss_mask_BxS[:, 1:]
-        if b.segment_ids_BxS is not None:
-            w_BxS = w_BxS & (b.segment_ids_BxS[:, 1:] == b.segment_ids_BxS[:, :-1])
-        return w_BxS
-
     normalizer = batch.normalizer
     if normalizer is None:
-        normalizer = jnp.maximum(jnp.sum(weight(batch)), 1).astype(jnp.float32)
+        normalizer = jnp.maximum(jnp.sum(sft_weight(batch)), 1).astype(jnp.float32)
 
     def loss_fn(params, b):
         model = nnx.merge(state.graphdef, params)
-        inputs, mask = b.tokens_BxS[:, :-1], b.mask_BxS[:, :-1]
-        if b.segment_ids_BxS is None:
-            segments, positions = None, positions_from_mask(mask)
-        else:  # without positions, hidden() restarts them at each segment
-            segments = b.segment_ids_BxS[:, :-1]
-            positions = None if b.positions_BxS is None else b.positions_BxS[:, :-1]
-        h_BxSxD, _ = model.hidden(inputs, positions, mask, segment_ids_BxT=segments)
-        logp_BxS, _ = chunked_logprobs(h_BxSxD, model.head_weight_DxV(), b.tokens_BxS[:, 1:], chunk=chunk)
-        return -jnp.sum(jnp.where(weight(b), logp_BxS, 0.0)) / normalizer
+        logp_BxS, _ = chunked_logprobs(sft_hidden(model, b), model.head_weight_DxV(), b.tokens_BxS[:, 1:],
+                                       chunk=chunk)
+        return -jnp.sum(jnp.where(sft_weight(b), logp_BxS, 0.0)) / normalizer
 
-    grad_fn = jax.value_and_grad(loss_fn)
-    if microbatches == 1:
-        loss, grads = grad_fn(state.params, batch)
-    else:
-        strided = lambda x: x.reshape(B // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
-        parts = jax.tree.map(strided, batch.replace(normalizer=None))
-
-        def accumulate(carry, part):
-            loss, g = grad_fn(state.params, part)
-            return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], g)), None
-
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, parts)
+    loss, grads = accumulate_grads(jax.value_and_grad(loss_fn), state.params, batch.replace(normalizer=None),
+                                   microbatches)
     grad_norm = optax.tree.norm(grads)
     state, finite = apply_if_finite(state, grads, loss, grad_norm)
     return state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_updates": (~finite).astype(jnp.int32)}

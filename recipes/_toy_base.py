@@ -10,7 +10,7 @@ import jax
 from r1jax import sft
 from r1jax.model import ModelConfig, create_model
 from r1jax.run import Context, Policy, load_policy, save_policy
-from r1jax.tokenizer import train_sentencepiece
+from r1jax.tokenizer import Tokenizer, train_sentencepiece
 
 
 def cache_key(*what) -> str:
@@ -22,15 +22,18 @@ def cache_key(*what) -> str:
 
 
 def pretrain(ctx: Context, *, name: str, cache: str, corpus: list[tuple[str, str]], preset: str, vocab_size: int,
-             cfg: sft.SFTConfig, seed: int, chat_template: str | None = None) -> Policy:
-    """Train a tokenizer on the corpus's first 5000 texts, then pretrain `preset` on (prompt, completion)
-    pairs; the result is kept in `cache` (a folder), and reused when it exists."""
+             cfg: sft.SFTConfig, seed: int, chat_template: str | None = None,
+             tokenizer: Tokenizer | None = None) -> Policy:
+    """Train a tokenizer on the corpus's first 5000 texts (unless `tokenizer` is given: a distillation student
+    shares its teacher's), then pretrain `preset` on (prompt, completion) pairs; the result is kept in `cache`
+    (a folder), and reused when it exists."""
     if os.path.exists(os.path.join(cache, "config.json")):
         print(f"[r1jax] {name}: reusing the cached base model in {cache}")
         return load_policy(cache, ctx)
-    tokenizer = train_sentencepiece([p + c for p, c in corpus[:5000]], None, vocab_size, max_piece_length=128,
-                                    split_by_whitespace=False, split_by_unicode_script=False,
-                                    chat_template=chat_template)
+    if tokenizer is None:
+        tokenizer = train_sentencepiece([p + c for p, c in corpus[:5000]], None, vocab_size, max_piece_length=128,
+                                        split_by_whitespace=False, split_by_unicode_script=False,
+                                        chat_template=chat_template)
     mcfg = ModelConfig.preset(preset).replace(vocab_size=vocab_size, **ctx.model_overrides)
     policy = Policy(mcfg, create_model(mcfg, mesh=ctx.mesh, seed=ctx.seed), tokenizer)
     policy = sft.sft_stage(ctx, policy, corpus, cfg, name=name, seed=seed)

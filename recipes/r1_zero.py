@@ -88,7 +88,8 @@ def _read(path: str, data: DataConfig) -> list[dict]:
     return read_records(path, prompt_field=data.prompt_field, answer_field=data.answer_field, on_error=data.on_error)
 
 
-def _toy_splits(cfg: R1ZeroConfig) -> tuple[list[dict], list[dict]]:
+def toy_splits(cfg: R1ZeroConfig) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) problems of the built-in task; the distill recipe's embedded default uses them too."""
     task = cfg.base.task
     train = toy.problems(task, cfg.base.corpus_size, seed=cfg.seed)
     held_out = toy.problems(task, cfg.eval.num_prompts, seed=cfg.seed + 10_000,
@@ -117,7 +118,7 @@ def _rewards() -> RewardSet:
 def evaluation(cfg: R1ZeroConfig) -> Evaluation:
     """The held-out split: `data.eval`, or the built-in task's; `python -m r1jax eval` uses it too."""
     if cfg.model == "toy" or not cfg.data.eval:
-        records = _toy_splits(cfg)[1] if cfg.model == "toy" else []
+        records = toy_splits(cfg)[1] if cfg.model == "toy" else []
     else:
         records = _read(cfg.data.eval, cfg.data)
     return Evaluation(cfg.eval, records[: cfg.eval.num_prompts], r1_zero_prompt, cfg.rl.max_prompt_len)
@@ -125,7 +126,7 @@ def evaluation(cfg: R1ZeroConfig) -> Evaluation:
 
 def stages(cfg: R1ZeroConfig) -> list[Stage]:
     if cfg.model == "toy":
-        train_records = _toy_splits(cfg)[0]
+        train_records = toy_splits(cfg)[0]
         base = Stage("toy_base", functools.partial(toy_base_stage, cfg=cfg, train_problems=train_records),
                      start_from=None)
     else:

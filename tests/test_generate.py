@@ -150,3 +150,26 @@ def test_shard_reader_checks_the_set(tmp_path):
     os.remove(generate.shard_path(str(tmp_path), 1, 2))
     with pytest.raises(FileNotFoundError, match=r"shards \[1\] of 2 missing"):
         read_samples(str(tmp_path))
+
+
+def test_appended_records_are_sampled_incrementally(full, policy, tmp_path, monkeypatch):
+    """Two batches' records first, then all: the first run's batches are kept as they are; a changed record is
+    not an increment."""
+    run_dir, result = full
+    first = RECORDS[:4]  # ids 0, 1 (one batch), 2 too long, 3 (a second batch of one prompt, unfinished later)
+    _ = generate_samples(_ctx(tmp_path, policy), policy, first, name="gen", cfg=CFG, render=render, rewards=REWARDS)
+    with open(_shard(tmp_path), "rb") as f:
+        before = f.read().splitlines(keepends=True)
+    assert len(before) == 12
+    calls = []
+    real = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grown = _run(tmp_path, policy)
+    # Batch 0 is kept; batch 1 now holds ids 3 and 4, so it is sampled again, and batch 2 (id 5) is new.
+    assert grown.resumed_at == 1 and len(calls) == 2
+    assert grown.samples == result.samples
+    with open(os.path.join(tmp_path, "gen", "generation.json")) as f:
+        assert json.load(f)["records"] == len(RECORDS)
+    changed = [dict(RECORDS[0], answer="4"), *RECORDS[1:], {"prompt": "Compute 1+1", "answer": "2"}]
+    with pytest.raises(ValueError, match="records, records_sha256 differ"):
+        generate_samples(_ctx(tmp_path, policy), policy, changed, name="gen", cfg=CFG, render=render, rewards=REWARDS)
