@@ -260,6 +260,9 @@ def teacher_traces(ctx, teacher, records: list[dict], *, name: str, cfg: TracesC
     result = generate.generate_samples(ctx, teacher, records, name=name, cfg=cfg.generation, render=render,
                                        rewards=rewards)
     kept, stats = rejection.select(result.samples, cfg.filter)
+    if not kept:
+        raise ValueError(f"{name}: the filter kept none of the teacher's {len(result.samples)} samples "
+                         f"(dropped: {stats['total']['dropped']}); check the teacher, its template and the data")
     settings = {k: v for k, v in dataclasses.asdict(cfg.generation).items() if k != "batch_prompts"}
     stage_dir = ctx.stage_dir(name)
     path = os.path.join(stage_dir, TRACES_FILE)

@@ -27,6 +27,10 @@ class Packed(NamedTuple):
     positions_BxS: np.ndarray  # int32: 0, 1, ... within each example; 0 on padding
 
 
+# A source whose examples are all dropped would otherwise be read forever (streams are endless).
+MAX_DROPPED_IN_A_ROW = 10_000
+
+
 @dataclasses.dataclass
 class PackStats:
     examples: int = 0  # examples packed (or waiting in the next window)
@@ -68,7 +72,7 @@ class PackedBatches:
     def _read(self):
         """The next example to pack, cut to S tokens, with the source state and counts from before it."""
         state, stats = self.source.get_state(), dataclasses.asdict(self.stats)
-        while True:
+        for _ in range(MAX_DROPPED_IN_A_ROW):
             example = self.source.next()
             tokens = np.asarray(example.tokens, np.int32)
             loss = np.array(example.loss_mask, bool)
@@ -84,6 +88,9 @@ class PackedBatches:
             self.stats.truncated += cut
             self.stats.examples += 1
             return state, stats, (tokens, loss)
+        raise ValueError(f"{MAX_DROPPED_IN_A_ROW} examples in a row were dropped: longer than seq_len={self.seq_len} "
+                         f"tokens (too_long={self.too_long!r}) or with no trained token among their first "
+                         f"{self.seq_len}; raise the stage's max_len")
 
     def _fill(self):
         if self._carry is None:

@@ -378,8 +378,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         }
         if cfg.overlong_buffer:
             record["overlong_penalty_mean"] = float((groups.rewards_B - groups.task_rewards_B).mean())
-        if not use_ref and update is None:
-            record["kl"] = 0.0
+        if not use_ref:
+            record["kl"] = 0.0  # no reference model (on-policy distillation logs its KL to the teacher apart)
         ctx.logger.log_step(record)
         progress.update(step + 1, record)
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:

@@ -187,7 +187,8 @@ def _apply_start_at(ctx: Context, stages: list[Stage], record: dict, start_at: s
 
 def _add_seconds(ctx: Context, record: dict, name: str, seconds: float) -> None:
     """A stage's wall time, summed over the attempts that ran it (loading its input included), in stages.json."""
-    record.setdefault("seconds", {})[name] = record["seconds"].get(name, 0.0) + seconds
+    seconds_by_stage = record.setdefault("seconds", {})
+    seconds_by_stage[name] = seconds_by_stage.get(name, 0.0) + seconds
     _write_record(ctx, record)
 
 

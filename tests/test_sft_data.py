@@ -310,6 +310,10 @@ def test_packing_truncates_or_drops_long_examples_and_counts_them():
     assert drop.stats.dropped >= 2 and drop.stats.truncated == 0
     with pytest.raises(ValueError, match="too_long"):
         PackedBatches(_ListSource([short]), seq_len=16, batch_size=1, too_long="cut")
+    # A source whose every example is dropped (an endless stream) stops with the reason, not a silent loop.
+    for source, kwargs in (([prompt_only], {}), ([long], {"too_long": "drop"})):
+        with pytest.raises(ValueError, match="examples in a row were dropped.*raise the stage's max_len"):
+            PackedBatches(_ListSource(source), seq_len=16, batch_size=1, window_batches=1, **kwargs).next()
 
 
 def test_packed_stream_resumes_mid_window_through_a_mixture(tmp_path):
