@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE
 
 from r1jax import distill as distill_lib
 from r1jax import run, sft, sharding, toy
@@ -129,7 +130,7 @@ def _start(args, n_proc, devices_each):
     procs = []
     for i in range(n_proc):
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each} {FAST_COMPILE}"}
         if n_proc > 1:
             env.update(R1JAX_COORDINATOR=f"localhost:{port}", R1JAX_NUM_PROCESSES=str(n_proc),
                        R1JAX_PROCESS_ID=str(i))

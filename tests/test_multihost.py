@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from r1jax.metrics import read_metrics
 from test_r1_zero import TIMING, TINY
@@ -25,7 +26,7 @@ def _start(run_dir, cache, n_proc, devices_each, extra=()):
     procs = []
     for i in range(n_proc):
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each} {FAST_COMPILE}"}
         if n_proc > 1:
             env.update(R1JAX_COORDINATOR=f"localhost:{port}", R1JAX_NUM_PROCESSES=str(n_proc),
                        R1JAX_PROCESS_ID=str(i))
