@@ -34,11 +34,12 @@ eval: $(STAMP)
 	$(BIN)/python -m r1jax eval --recipe $(RECIPE) $(ARGS)
 
 # Tests are mostly compile-bound (one core each): two workers keep both cores of a laptop busy.
-# loadfile keeps each file's module fixtures (a reference run) in one worker.
+# loadgroup hands out tests one at a time, except a file's tests that share a module fixture (a reference
+# run): tests/conftest.py groups those on one worker.
 TEST_WORKERS ?= 2
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

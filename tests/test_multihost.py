@@ -46,7 +46,7 @@ def _records(run_dir, dedupe=True):
             for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"), dedupe=dedupe)]
 
 
-# The short run of `make test`: two steps, no evaluation. (The tiny base earns no reward,
+# The short run (make test-slow, with the full-length one): two steps, no evaluation. (The tiny base earns no reward,
 # so advantages are 0 and the comparison is of the pipeline: sampling, per-process scoring, placement,
 # the update and the metrics' reductions.)
 SHORT = ["rl.steps=2", "eval.every=0"]
@@ -72,6 +72,7 @@ def _assert_match(reference, two):
                 assert b[key] == value, key
 
 
+@pytest.mark.slow  # two launches, ~2 min; the full-length run below checks the same and more
 def test_two_processes_match_one_on_a_short_run(tmp_path):
     _finish(_start(tmp_path / "one", tmp_path / "cache", 1, 8, SHORT))
     _finish(_start(tmp_path / "two", tmp_path / "cache", 2, 4, SHORT))
