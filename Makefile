@@ -34,12 +34,12 @@ eval: $(STAMP)
 	$(BIN)/python -m r1jax eval --recipe $(RECIPE) $(ARGS)
 
 # Tests are mostly compile-bound (one core each): two workers keep both cores of a laptop busy.
-# loadgroup hands out tests one at a time, except a file's tests that share a module fixture (a reference
-# run): tests/conftest.py groups those on one worker.
+# loadfile keeps each file's tests in one worker: its module fixtures (a reference run) are built once and its
+# jitted programs compiled once (handing tests out one at a time compiled many twice: slower overall).
 TEST_WORKERS ?= 2
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

@@ -11,21 +11,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 GSM8K_DIR = os.path.normpath(os.path.join(SHARED, "data", "gsm8k"))
 
-
-def pytest_collection_modifyitems(items):
-    """`make test` hands tests to its workers one at a time (`--dist loadgroup`), except the tests of a file that
-    builds a module-scoped fixture of its own (a reference run, a trained model): those go to one worker
-    together, so the fixture is built once."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = [d for ds in (info.name2fixturedefs.values() if info else ()) for d in ds]
-        if any(d.scope in ("module", "package", "session") and getattr(d.func, "__module__", "") == item.module.__name__
-               for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
