@@ -310,7 +310,8 @@ def train(recipe, cfg: RunConfig, *, stop=None) -> int:
             ctx.logger.close()
     if jax.process_index() == 0:
         metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-        plot_run(metrics_path, os.path.join(cfg.run_dir, "reward.png"))
+        if read_metrics(metrics_path):  # a run of SFT stages only, without evaluations, logs nothing here
+            plot_run(metrics_path, os.path.join(cfg.run_dir, "reward.png"))
         evals = read_metrics(metrics_path, kind="eval")
         names = [s.name for s in stages]
         if not evals:
