@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import FAST_COMPILE
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -505,6 +504,8 @@ def test_two_processes_save_and_restore_their_shards(tmp_path):
     import socket
     import subprocess
     import sys
+
+    from conftest import FAST_COMPILE  # here, not at the top: the workers run this file as a script
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
