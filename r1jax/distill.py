@@ -25,7 +25,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from r1jax import generate, rejection, train
@@ -125,19 +124,12 @@ def check_same_vocab(student, teacher) -> None:
                          "mode=sft (trace SFT stores text) or a student of the teacher's family")
 
 
-def _apply(state: train.TrainState, loss, grads, extra: dict) -> tuple[train.TrainState, dict]:
-    grad_norm = optax.tree.norm(grads)
-    state, finite = train.apply_if_finite(state, grads, loss, grad_norm)
-    return state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_updates": (~finite).astype(jnp.int32), **extra}
-
-
 @functools.partial(jax.jit, donate_argnames="state", static_argnames=("teacher_graphdef", "kd", "microbatches"))
 def logit_kd_step(state: train.TrainState, teacher_graphdef: nnx.GraphDef, teacher_params: nnx.State,
                   batch: train.SFTBatch, *, kd: KDConfig, microbatches: int = 1):
     """One optimizer step of forward KL(teacher || student) (plus `kd.ce_weight` x cross-entropy) averaged over the
     trained positions of a batch of (packed) SFT rows: the traces. Microbatches accumulate exactly, as sft_step's."""
-    weight = lambda b: train.sft_weight(b)  # noqa: E731
-    normalizer = jnp.maximum(jnp.sum(weight(batch)), 1).astype(jnp.float32)
+    normalizer = jnp.maximum(jnp.sum(train.sft_weight(batch)), 1).astype(jnp.float32)
     teacher = nnx.merge(teacher_graphdef, teacher_params)
 
     def loss_fn(params, b):
@@ -146,7 +138,7 @@ def logit_kd_step(state: train.TrainState, teacher_graphdef: nnx.GraphDef, teach
         kl, logp = chunked_kl(train.sft_hidden(student, b), student.head_weight_DxV(), h_t, teacher.head_weight_DxV(),
                               b.tokens_BxS[:, 1:], kind="forward", top_k=kd.top_k, temperature=kd.temperature,
                               chunk=kd.chunk)
-        w = weight(b)
+        w = train.sft_weight(b)
         kl_sum = jnp.sum(jnp.where(w, kl, 0.0))
         ce_sum = -jnp.sum(jnp.where(w, logp, 0.0))
         return (kl_sum + kd.ce_weight * ce_sum) / normalizer, (kl_sum, ce_sum)
@@ -156,7 +148,8 @@ def logit_kd_step(state: train.TrainState, teacher_graphdef: nnx.GraphDef, teach
         return jnp.stack([loss, *sums]), g
 
     totals, grads = train.accumulate_grads(grad_fn, state.params, batch.replace(normalizer=None), microbatches)
-    return _apply(state, totals[0], grads, {"distill_kl": totals[1] / normalizer, "ce": totals[2] / normalizer})
+    state, metrics = train.apply_grads(state, totals[0], grads)
+    return state, {**metrics, "distill_kl": totals[1] / normalizer, "ce": totals[2] / normalizer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +190,7 @@ def on_policy_step(state: train.TrainState, teacher_graphdef: nnx.GraphDef, teac
 
         loss, grads = train.accumulate_grads(jax.value_and_grad(loss_fn), state.params, mb, hp.microbatches,
                                              strided=False)  # whole prompt-share blocks
-        return _apply(state, loss, grads, {})
+        return train.apply_grads(state, loss, grads)
 
     parts = jax.tree.map(lambda x: x.reshape(hp.minibatches, B // hp.minibatches, *x.shape[1:]), batch)
     state, metrics = jax.lax.scan(minibatch, state, parts)

@@ -240,10 +240,8 @@ def run_stages(ctx: Context, stages: list, start_at: str = "") -> Policy | None:
         try:
             policy = output_of(inputs[stage.name])
             out = stage.fn(ctx, policy)
-        except Preempted:
+        finally:  # a stopped (or failed) attempt's time counts too
             _add_seconds(ctx, record, stage.name, time.monotonic() - started)
-            raise
-        _add_seconds(ctx, record, stage.name, time.monotonic() - started)
         if out is None:
             record["outputs"][stage.name] = "input"
             out = policy
@@ -310,9 +308,10 @@ def train(recipe, cfg: RunConfig, *, stop=None) -> int:
             ctx.logger.close()
     if jax.process_index() == 0:
         metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-        if read_metrics(metrics_path):  # a run of SFT stages only, without evaluations, logs nothing here
+        records = read_metrics(metrics_path)
+        if records:  # a run of SFT stages only, without evaluations, logs nothing here
             plot_run(metrics_path, os.path.join(cfg.run_dir, "reward.png"))
-        evals = read_metrics(metrics_path, kind="eval")
+        evals = [r for r in records if r.get("kind") == "eval"]
         names = [s.name for s in stages]
         if not evals:
             print("[r1jax] no evaluations were run (eval.every=0 or no eval data)")

@@ -175,6 +175,13 @@ def apply_if_finite(state: TrainState, grads, loss, grad_norm) -> tuple[TrainSta
                          opt_state=keep(opt_state, state.opt_state)), finite
 
 
+def apply_grads(state: TrainState, loss, grads) -> tuple[TrainState, dict]:
+    """`apply_if_finite` with the step's metrics: loss, gradient norm, and 1 if the update was skipped."""
+    grad_norm = optax.tree.norm(grads)
+    state, finite = apply_if_finite(state, grads, loss, grad_norm)
+    return state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_updates": (~finite).astype(jnp.int32)}
+
+
 def _split(x, n):
     return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
@@ -356,6 +363,4 @@ def sft_step(state: TrainState, batch: SFTBatch, chunk: int = 256, microbatches:
 
     loss, grads = accumulate_grads(jax.value_and_grad(loss_fn), state.params, batch.replace(normalizer=None),
                                    microbatches)
-    grad_norm = optax.tree.norm(grads)
-    state, finite = apply_if_finite(state, grads, loss, grad_norm)
-    return state, {"loss": loss, "grad_norm": grad_norm, "nonfinite_updates": (~finite).astype(jnp.int32)}
+    return apply_grads(state, loss, grads)

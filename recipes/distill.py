@@ -145,10 +145,16 @@ def _teacher_cfg(cfg: DistillConfig) -> r1_zero.R1ZeroConfig:
     return dataclasses.replace(r1_zero.cpu(), run_dir=cfg.teacher_run, seed=cfg.seed, mesh=cfg.mesh)
 
 
+@functools.lru_cache(maxsize=4)
+def _toy_splits(cfg: DistillConfig) -> tuple[list[dict], list[dict]]:
+    """The teacher's task splits, made once per config (every stage and evaluation reads them)."""
+    return r1_zero.toy_splits(_teacher_cfg(cfg))
+
+
 def _records(cfg: DistillConfig, which: Literal["prompts", "eval"]) -> list[dict]:
     path = getattr(cfg.data, which)
     if path == "toy" or (which == "eval" and not path and cfg.student == "toy"):
-        train, held_out = r1_zero.toy_splits(_teacher_cfg(cfg))
+        train, held_out = _toy_splits(cfg)
         return train if which == "prompts" else held_out
     if not path:
         return []

@@ -2,12 +2,9 @@
 teacher's traces written by two processes equal those written by one (gloo; slow)."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
-from conftest import FAST_COMPILE
+from conftest import finish, start_training
 
 from r1jax import distill as distill_lib
 from r1jax import run, sft, sharding, toy
@@ -124,21 +121,7 @@ def test_sft_mode_stops_after_trace_sft_and_a_vocabulary_mismatch_is_refused(on_
 
 
 def _start(args, n_proc, devices_each):
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for i in range(n_proc):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each} {FAST_COMPILE}"}
-        if n_proc > 1:
-            env.update(R1JAX_COORDINATOR=f"localhost:{port}", R1JAX_NUM_PROCESSES=str(n_proc),
-                       R1JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-m", "r1jax", "train", "--recipe", "distill", *args],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    finish(start_training(["--recipe", "distill", *args], n_proc, devices_each, cwd=ROOT))
 
 
 @pytest.mark.slow  # two process launches: make test-slow

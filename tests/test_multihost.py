@@ -2,14 +2,11 @@
 run killed with SIGKILL mid-stage resumes to the uninterrupted run with each step once on disk."""
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
+from conftest import finish, start_training
 
 from r1jax.metrics import read_metrics
 from test_r1_zero import TIMING, TINY
@@ -18,27 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _start(run_dir, cache, n_proc, devices_each, extra=()):
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, "-m", "r1jax", "train", "--recipe", "r1_zero", *TINY,
-            f"run_dir={run_dir}", f"base.cache_dir={cache}", *extra]
-    procs = []
-    for i in range(n_proc):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each} {FAST_COMPILE}"}
-        if n_proc > 1:
-            env.update(R1JAX_COORDINATOR=f"localhost:{port}", R1JAX_NUM_PROCESSES=str(n_proc),
-                       R1JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    return procs
-
-
-def _finish(procs):
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    return start_training(["--recipe", "r1_zero", *TINY, f"run_dir={run_dir}", f"base.cache_dir={cache}", *extra],
+                          n_proc, devices_each, cwd=ROOT)
 
 
 def _records(run_dir, dedupe=True):
@@ -56,7 +34,7 @@ SHORT = ["rl.steps=2", "eval.every=0"]
 def one(tmp_path_factory):
     """One process with 8 devices, uninterrupted; it also builds the base-model cache the others reuse."""
     tmp = tmp_path_factory.mktemp("multihost")
-    _finish(_start(tmp / "one", tmp / "cache", 1, 8))
+    finish(_start(tmp / "one", tmp / "cache", 1, 8))
     return tmp, _records(tmp / "one")
 
 
@@ -74,15 +52,15 @@ def _assert_match(reference, two):
 
 @pytest.mark.slow  # two launches, ~2 min; the full-length run below checks the same and more
 def test_two_processes_match_one_on_a_short_run(tmp_path):
-    _finish(_start(tmp_path / "one", tmp_path / "cache", 1, 8, SHORT))
-    _finish(_start(tmp_path / "two", tmp_path / "cache", 2, 4, SHORT))
+    finish(_start(tmp_path / "one", tmp_path / "cache", 1, 8, SHORT))
+    finish(_start(tmp_path / "two", tmp_path / "cache", 2, 4, SHORT))
     _assert_match(_records(tmp_path / "one"), _records(tmp_path / "two"))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(one):
     tmp, reference = one
-    _finish(_start(tmp / "two", tmp / "cache", 2, 4))
+    finish(_start(tmp / "two", tmp / "cache", 2, 4))
     _assert_match(reference, _records(tmp / "two"))
 
 
@@ -100,7 +78,7 @@ def test_sigkill_mid_stage_resumes_with_each_step_once(one):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"][-1] >= 3
-    _finish(_start(run_dir, tmp / "cache", 1, 8))
+    finish(_start(run_dir, tmp / "cache", 1, 8))
     raw = _records(run_dir, dedupe=False)
     assert len({(r["kind"], r["stage"], r["step"]) for r in raw}) == len(raw)  # each step once, on disk
     assert raw == reference
