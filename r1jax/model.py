@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from kernels.attention import attention, cached_attention
+from kernels.decode_attention import DecodeImpl, ragged_decode_attention
 from r1jax import sharding
 from r1jax.sharding import ActivationSharding
 
@@ -219,6 +220,22 @@ class KVCache:
         return 2 * cfg.n_layers * length * cfg.n_kv_heads * cfg.head_dim * itemsize
 
 
+@struct.dataclass
+class SlotCache:
+    """Keys/values of B decode slots for continuous batching (r1jax.engine): each row is its own sequence,
+    written from slot 0 without padding, so row b's tokens fill slots [0, lengths_B[b]) and a token's
+    position is its slot. Rows start, grow and are replaced independently of one another."""
+
+    k_LxBxKxSxH: jax.Array
+    v_LxBxKxSxH: jax.Array
+    lengths_B: jax.Array  # int32: filled slots per row
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, rows: int, length: int, dtype=None) -> "SlotCache":
+        kv = KVCache.init(cfg, rows, length, dtype)
+        return cls(kv.k_LxBxKxSxH, kv.v_LxBxKxSxH, jnp.zeros((rows,), jnp.int32))
+
+
 def rms_norm(x, scale, eps: float):
     # In fp32 like the HF reference, then back to the compute dtype before scaling.
     x32 = x.astype(jnp.float32)
@@ -362,6 +379,58 @@ class Transformer(nnx.Module):
         if cache is not None:
             cache = KVCache(kv_out[0], kv_out[1], kv_mask_BxS, cache.index + T)
         return rms_norm(x_BxTxD, self.final_norm.get_value(), cfg.norm_eps), cache
+
+    def init_slot_cache(self, rows: int, length: int, dtype=None) -> SlotCache:
+        """An empty cache of `rows` decode slots of `length` positions each (the model's compute dtype)."""
+        return SlotCache.init(self.cfg, rows, length, dtype)
+
+    def prefill_slots(self, prompt_1xT, length, cache: SlotCache, slots_A) -> tuple[jax.Array, SlotCache]:
+        """Run one prompt (right-padded to T, `length` real tokens) and write its keys/values into each row of
+        `slots_A` (indices past the cache's rows are ignored, so a fixed-width list can carry fewer slots).
+        Returns the logits (fp32, V) after the prompt's last token and the cache with those rows' lengths set.
+        The prompt runs alone: its rows' numbers do not depend on what the other rows hold."""
+        T = prompt_1xT.shape[1]
+        L, _, K, _, H = cache.k_LxBxKxSxH.shape
+        A = slots_A.shape[0]
+        real_1xT = jnp.arange(T)[None, :] < length
+        h_1xTxD, pcache = self.hidden(prompt_1xT, jnp.arange(T)[None, :], real_1xT,
+                                      KVCache.init(self.cfg, 1, T, cache.k_LxBxKxSxH.dtype))
+        logits_V = self.logits(jax.lax.dynamic_slice_in_dim(h_1xTxD, length - 1, 1, axis=1))[0, 0]
+
+        def write(all_, new_Lx1xKxTxH):
+            return all_.at[:, slots_A, :, :T, :].set(jnp.broadcast_to(new_Lx1xKxTxH, (L, A, K, T, H)), mode="drop")
+
+        return logits_V, SlotCache(write(cache.k_LxBxKxSxH, pcache.k_LxBxKxSxH),
+                                   write(cache.v_LxBxKxSxH, pcache.v_LxBxKxSxH),
+                                   cache.lengths_B.at[slots_A].set(length, mode="drop"))
+
+    def decode_slots(self, tokens_B, cache: SlotCache, live_B, *, read_len: int | None = None,
+                     impl: DecodeImpl = "xla") -> tuple[jax.Array, SlotCache]:
+        """Feed each row's next token at position `lengths_B`; logits (fp32, BxV) and the cache with the live
+        rows one longer. Attention reads each row's filled slots only: through the first `read_len` slots of
+        the cache on the "xla" path (the caller keeps every live row within it), up to the row's own length
+        in the "pallas" kernel. Rows that are not live compute (their slot's stale contents) but do not grow."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        B = tokens_B.shape[0]
+        S = cache.k_LxBxKxSxH.shape[3]
+        read_len = S if read_len is None or impl == "pallas" else min(read_len, S)
+        pos_B = cache.lengths_B
+        rows_B = jnp.arange(B)
+        cos_Bx1xH, sin_Bx1xH = rope_cos_sin(pos_B[:, None], cfg)
+
+        def block(carry, p, i):
+            x_Bx1xD, (k_all, v_all) = carry
+            q, k, v = self._qkv(x_Bx1xD, p, cos_Bx1xH, sin_Bx1xH)
+            k_all = k_all.at[i, rows_B, :, pos_B, :].set(k[:, 0].astype(k_all.dtype), mode="drop")
+            v_all = v_all.at[i, rows_B, :, pos_B, :].set(v[:, 0].astype(v_all.dtype), mode="drop")
+            out_BxNxH = ragged_decode_attention(q[:, 0], k_all[i, :, :, :read_len], v_all[i, :, :, :read_len],
+                                                pos_B + 1, impl=impl)
+            return self._attn_out_and_mlp(x_Bx1xD, out_BxNxH[:, None].astype(dt), p), (k_all, v_all)
+
+        x_Bx1xD, (k_all, v_all) = self._layers(block, (self._embed(tokens_B[:, None]),
+                                                       (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)))
+        h_Bx1xD = rms_norm(x_Bx1xD, self.final_norm.get_value(), cfg.norm_eps)
+        return self.logits(h_Bx1xD)[:, 0], SlotCache(k_all, v_all, pos_B + live_B.astype(jnp.int32))
 
     def hidden_shared_prompt(self, prompt_QxTp, prompt_mask_QxTp, tokens_BxT, mask_BxT, share: int):
         """Final-normed hidden states of Q left-padded prompts and of B = Q * `share` continuations, row b

@@ -42,6 +42,10 @@ class SamplerConfig:
     # Prompt widths the compiled programs take; () means powers of two from 16 up to max_prompt_len.
     prompt_buckets: tuple[int, ...] = ()
     cache_dtype: str | None = None  # None: the model's compute dtype
+    # 0: a lockstep batch (every row of a call decodes until the longest one ends). > 0: continuous batching
+    # (r1jax.engine) over this many decode slots; a finished row's slot takes the next waiting request.
+    slots: int = 0
+    decode_impl: str = "xla"  # continuous batching's decode attention: kernels.decode_attention impl
 
     def __post_init__(self):
         # Lists from the command line or a recipe become tuples, so the config stays hashable (a jit static).
@@ -67,6 +71,10 @@ class SamplerConfig:
             problems.append(f"prompt_buckets={b} must increase strictly and end at max_prompt_len")
         if self.cache_dtype not in _DTYPES:
             problems.append(f"cache_dtype={self.cache_dtype!r}; choose from {_DTYPES}")
+        if self.slots < 0:
+            problems.append(f"slots={self.slots} must be >= 0 (0: the lockstep batch)")
+        if self.decode_impl not in ("xla", "pallas"):
+            problems.append(f"decode_impl={self.decode_impl!r}; choose xla or pallas")
         if problems:
             raise ValueError("bad SamplerConfig: " + "; ".join(problems))
 
@@ -407,7 +415,14 @@ def generate(model: Transformer, prompts, key, cfg: SamplerConfig, prompt_mask_P
     The model enters the compiled programs as (graphdef, state), so calling again with new weights (every RL
     step) reuses them; prompts are padded to a bucket width, so a run compiles one program per bucket used.
     Rows are sharded like the model's activations (its `act_sharding`: SAMPLE_RULES for a sampling model).
+    With `cfg.slots`, continuous batching (r1jax.engine) samples them instead, into the same Rollout.
     """
+    if cfg.slots:
+        from r1jax import engine  # engine builds on this module
+
+        if prompt_mask_PxT is not None:
+            prompts = [list(np.asarray(t)[np.asarray(m, bool)]) for t, m in zip(prompts, prompt_mask_PxT)]
+        return engine.generate(model, prompts, key, cfg, poll=poll)
     return decode(*prefill(model, prompts, key, cfg, prompt_mask_PxT), cfg, poll=poll)
 
 
