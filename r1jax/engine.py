@@ -169,6 +169,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], key, cfg: Sam
     R = P * G
     if B < 1:
         raise ValueError(f"slots={B}: continuous batching needs at least one decode slot")
+    if jax.process_count() > 1:
+        raise NotImplementedError("continuous batching runs in one process (its host loop admits requests from "
+                                  "local arrays); across processes use the lockstep sampler (slots=0)")
     limits = np.full((R,), N, np.int32) if max_new_tokens_R is None else np.asarray(max_new_tokens_R, np.int32)
     if limits.shape != (R,) or limits.min() < 1 or limits.max() > N:
         raise ValueError(f"max_new_tokens_R must hold {R} values in [1, {N}]")

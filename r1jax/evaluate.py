@@ -22,7 +22,9 @@ class EvalConfig:
     temperature: float = 0.6  # R1's evaluation settings
     top_p: float = 0.95
     max_new_tokens: int = 1024
-    batch_prompts: int = 64  # prompts per generate call
+    batch_prompts: int = 64  # prompts per generate call (lockstep)
+    # > 0: continuous batching over this many decode slots (r1jax.engine), every prompt in one call; 0: lockstep
+    slots: int = 0
 
     def __post_init__(self):
         for name in ("num_prompts", "samples", "max_new_tokens", "batch_prompts"):
@@ -60,17 +62,19 @@ def evaluate(model, records: list[dict], render, tokenizer: Tokenizer, cfg: Eval
     """
     rewards = rewards or _EVAL_REWARDS
     scfg = sampler_cfg.replace(group_size=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                               top_k=0, min_p=0.0, greedy=False, max_new_tokens=cfg.max_new_tokens)
+                               top_k=0, min_p=0.0, greedy=False, max_new_tokens=cfg.max_new_tokens,
+                               slots=cfg.slots)
     records, prompts, too_long = rollout.encode_prompts(records, render, tokenizer, scfg.max_prompt_len)
     if not records:
         raise ValueError(f"no evaluation prompt fits max_prompt_len={scfg.max_prompt_len} ({too_long} too long)")
     correct, formatted, lengths, majority, samples = [], [], [], [], []
     extra = {name: [] for name in (r.name for r in rewards.rewards) if name not in ("accuracy", "format")}
-    for start in range(0, len(records), cfg.batch_prompts):
+    per_call = len(records) if cfg.slots else cfg.batch_prompts  # the engine holds only its slots' rows
+    for start in range(0, len(records), per_call):
         if poll is not None:
             poll()
-        batch = records[start : start + cfg.batch_prompts]
-        done = rollout.complete(model, batch, prompts[start : start + cfg.batch_prompts],
+        batch = records[start : start + per_call]
+        done = rollout.complete(model, batch, prompts[start : start + per_call],
                                 jax.random.fold_in(key, start), scfg, tokenizer, rewards, poll=poll)
         acc, fmt = done.scored.scores["accuracy"], done.scored.scores["format"]
         correct.append(acc)

@@ -41,7 +41,8 @@ class GenerationConfig:
     top_k: int = 0  # 0: off
     max_prompt_len: int = 512  # longer prompts (with the template) are dropped and counted
     max_new_tokens: int = 1024
-    batch_prompts: int = 64  # prompts per generate call
+    batch_prompts: int = 64  # prompts per generate call (and per resumable batch on disk)
+    slots: int = 0  # > 0: continuous batching over this many decode slots (r1jax.engine); 0: lockstep batches
 
     def __post_init__(self):
         for name in ("samples", "max_prompt_len", "max_new_tokens", "batch_prompts"):
@@ -189,7 +190,8 @@ def generate_samples(ctx: Context, policy: Policy, records: list[dict], *, name:
 
     scfg = sampler.SamplerConfig(max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens,
                                  group_size=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id)
+                                 top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
+                                 slots=cfg.slots)
     rng = jax.random.key(ctx.seed + seed_offset)
     model = sharding.for_sampling(policy.model, ctx.mesh) if done < len(batch_rows) else None
     progress = Progress(total=len(batch_rows), initial=done, desc=name)

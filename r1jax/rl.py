@@ -45,6 +45,7 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    slots: int = 0  # > 0: continuous batching over this many decode slots (r1jax.engine); 0: lockstep batches
     max_prompt_len: int = 512
     max_new_tokens: int = 1024
     dual_clip: float | None = None  # > 1 caps a negative-advantage token's loss at -dual_clip * A (verl's clip_ratio_c)
@@ -268,7 +269,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
     scfg = sampler.SamplerConfig(
         max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens, group_size=G,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids),
-        pad_id=tok.pad_id)
+        pad_id=tok.pad_id, slots=cfg.slots)
 
     ckpt = Checkpointer(ctx.stage_dir(name) + "/checkpoints", keep=cfg.checkpoint_keep)
     start = 0

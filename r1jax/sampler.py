@@ -137,16 +137,19 @@ def filter_logits(scaled_BxV, cfg: SamplerConfig):
     """(candidate logits_BxC, their token ids_BxC or None): what top-k, top-p and min-p leave drawable, the rest
     at -inf. Applied in transformers' order: top-k, then top-p over the renormalised survivors, then min-p.
 
-    top-p (or top-k) needs the logits sorted; `lax.top_k` sorts only the k kept when top_k is set, so pairing
-    top_p with a top_k of a few hundred keeps a 150k vocabulary off the full sort.
+    With top_k, `lax.top_k` sorts only the k kept. top-p alone never sorts the vocabulary: the smallest surviving
+    probability is found by bisection over its float bits (`top_p_floor`).
     """
     neg_inf = jnp.float32(-jnp.inf)
-    if not cfg.top_k and cfg.top_p >= 1.0:
+    if not cfg.top_k:
+        keep_BxV = jnp.ones(scaled_BxV.shape, bool)
+        if cfg.top_p < 1.0:
+            probs_BxV = jax.nn.softmax(scaled_BxV, axis=-1)
+            keep_BxV = probs_BxV >= top_p_floor(probs_BxV, cfg.top_p)
         if cfg.min_p > 0:
-            floor = jnp.max(scaled_BxV, axis=-1, keepdims=True) + jnp.log(cfg.min_p)
-            scaled_BxV = jnp.where(scaled_BxV >= floor, scaled_BxV, neg_inf)
-        return scaled_BxV, None
-    k = min(cfg.top_k or scaled_BxV.shape[-1], scaled_BxV.shape[-1])
+            keep_BxV &= scaled_BxV >= jnp.max(scaled_BxV, axis=-1, keepdims=True) + jnp.log(cfg.min_p)
+        return jnp.where(keep_BxV, scaled_BxV, neg_inf), None
+    k = min(cfg.top_k, scaled_BxV.shape[-1])
     vals_BxC, ids_BxC = jax.lax.top_k(scaled_BxV, k)  # descending
     keep_BxC = jnp.ones(vals_BxC.shape, bool)
     if cfg.top_p < 1.0:
@@ -156,6 +159,32 @@ def filter_logits(scaled_BxV, cfg: SamplerConfig):
     if cfg.min_p > 0:
         keep_BxC &= vals_BxC >= vals_BxC[:, :1] + jnp.log(cfg.min_p)
     return jnp.where(keep_BxC, vals_BxC, neg_inf), ids_BxC
+
+
+def top_p_floor(probs_BxV, top_p: float):
+    """Per row, the smallest probability a token may have and survive top-p: the least t whose mass strictly
+    above it, sum(p > t), is below `top_p` (a token survives when the tokens more probable than it hold less
+    than top_p), as a Bx1 float.
+
+    Non-negative floats order like their bit patterns, so 31 halvings of the integer range [0, bits(max p)]
+    find that t exactly among representable floats: 31 passes over the vocabulary instead of a sort of it.
+    Tokens tied at the boundary are kept or dropped together (a sort keeps those ranked first).
+    """
+    B = probs_BxV.shape[0]
+    as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)  # noqa: E731
+
+    def halve(_, bounds):
+        lo, hi = bounds  # mass above lo >= top_p (or lo = -1, below every probability); mass above hi < top_p
+        mid = lo + (hi - lo) // 2
+        mass = jnp.sum(jnp.where(probs_BxV > as_float(jnp.maximum(mid, 0)), probs_BxV, 0.0), axis=-1,
+                       keepdims=True)
+        below = mass < top_p
+        return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+    hi = jax.lax.bitcast_convert_type(jnp.max(probs_BxV, axis=-1, keepdims=True), jnp.int32)
+    lo = jnp.full((B, 1), -1, jnp.int32)
+    _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return as_float(hi)
 
 
 def first_argmax(x_BxC):

@@ -398,3 +398,22 @@ def test_first_argmax_and_the_draw_equal_jax_random_categorical():
         cfg = sampler.SamplerConfig(temperature=0.8)
         token, _ = sampler.sample_tokens(logits, key, cfg)
         np.testing.assert_array_equal(np.asarray(token), np.asarray(jax.random.categorical(key, logits / 0.8)))
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95])
+def test_top_p_without_a_sort_keeps_the_sorted_definition(top_p):
+    """top-p alone (bisection over the float bits) keeps exactly the tokens the sorted definition keeps: those
+    whose more probable tokens hold less than top_p."""
+    rng = np.random.default_rng(1)
+    scaled = jnp.asarray(rng.normal(scale=3.0, size=(64, 1000)).astype(np.float32))
+    bisected, ids = sampler.filter_logits(scaled, SamplerConfig(top_p=top_p))
+    assert ids is None
+    probs = np.asarray(jax.nn.softmax(scaled, axis=-1), np.float64)
+    order = np.argsort(-probs, axis=1)
+    ranked = np.take_along_axis(probs, order, axis=1)
+    ahead = np.cumsum(ranked, axis=1) - ranked
+    keep = np.zeros_like(probs, bool)
+    np.put_along_axis(keep, order, ahead < top_p, axis=1)
+    clear = np.abs(ahead - top_p).min(axis=1) > 1e-5  # rows with no token within rounding of the boundary
+    assert clear.sum() > 50
+    np.testing.assert_array_equal(np.isfinite(np.asarray(bisected))[clear], keep[clear])

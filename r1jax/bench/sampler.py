@@ -1,9 +1,11 @@
 """Sampler throughput: tokens/s, time to first token, peak memory and the decode's memory-bandwidth roofline; on CPU
-side by side with transformers' `generate` on the same weights.
+side by side with transformers' `generate` on the same weights. With `--mix long-tail`: completions of long-tailed
+lengths (most short, a few to the limit, as R1's are), the lockstep batch against continuous batching.
 
 Shapes: P prompts, G completions per prompt, B = P*G rows, T prompt length, N new tokens.
 """
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -14,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from r1jax import hf, sampler, sharding
+from r1jax import engine, hf, sampler, sharding
 from r1jax.model import PRESETS, KVCache, ModelConfig, create_model
 
 # Peak HBM bandwidth (bytes/s) by device_kind substring; first match wins. CPU is measured instead.
@@ -75,6 +77,36 @@ def time_r1jax(model, prompts, cfg: sampler.SamplerConfig, repeats: int) -> dict
         decode.append(time.perf_counter() - mid)
     generated = int(np.asarray(rollout.mask_BxT).sum())
     return dict(ttft=statistics.median(ttft), decode=statistics.median(decode), generated=generated)
+
+
+def long_tail_limits(B: int, N: int, seed: int = 0) -> np.ndarray:
+    """Per-request new-token caps: 60% in [N/16, N/4], 30% in (N/4, N/2], 10% (and at least one) at N."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(B)
+    limits = np.where(u < 0.6, rng.integers(N // 16, N // 4 + 1, B),
+                      np.where(u < 0.9, rng.integers(N // 4 + 1, N // 2 + 1, B), N))
+    limits[rng.integers(0, B)] = N
+    return np.maximum(limits, 1).astype(np.int32)
+
+
+def time_long_tail(model, prompts, cfg: sampler.SamplerConfig, limits, slots: int, repeats: int) -> dict:
+    """Seconds (median) to finish every request of the mix: the lockstep batch decodes all rows until the longest
+    ends (its rows cannot stop early without a stop token, so its time is the fixed-length run's), continuous
+    batching over `slots` slots stops each request at its cap and refills its slot."""
+    def median_time(run):
+        run()  # compile
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    key = jax.random.key(0)
+    lockstep = median_time(lambda: sampler.generate(model, prompts, key, cfg).tokens_BxT.block_until_ready())
+    continuous = median_time(lambda: engine.generate(model, prompts, key, cfg.replace(slots=slots),
+                                                     max_new_tokens_R=limits).tokens_BxT.block_until_ready())
+    return dict(lockstep_s=lockstep, continuous_s=continuous, useful_tokens=int(limits.sum()))
 
 
 def hf_twin(mcfg: ModelConfig, dtype: str, folder: str, *, qwen2: bool = True, **config):
@@ -146,6 +178,10 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
+    parser.add_argument("--mix", choices=("fixed", "long-tail"), default="fixed",
+                        help="fixed: every row makes --new-tokens; long-tail: lockstep vs continuous batching")
+    parser.add_argument("--slots", type=int, default=0, help="continuous batching's decode slots (default B/4)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true", help="on CPU, skip the transformers comparison")
     parser.add_argument("--threads", type=int, default=1,
@@ -166,6 +202,8 @@ def main(argv=None) -> int:
                                 top_k=args.top_k, top_p=args.top_p)  # no stop ids: every row makes N tokens
     mesh = sharding.MeshConfig(*(int(x) for x in args.mesh.split(","))).make()
     prompts = np.random.default_rng(0).integers(0, mcfg.vocab_size, (P, T)).tolist()
+    if args.mix == "long-tail":
+        return _long_tail(args, mcfg, mesh, prompts, cfg, device)
     compare = on_cpu and not args.no_transformers
     theirs = None
     with tempfile.TemporaryDirectory() as folder:
@@ -220,6 +258,52 @@ def main(argv=None) -> int:
               f"G times before prefill, torch {torch.__version__} with {torch.get_num_threads()} thread(s)")
     if ours["generated"] != B * N:
         print(f"warning: r1jax generated {ours['generated']} tokens, expected {B * N}")
+    if args.json:
+        figures = dict(generated_tokens_per_s=rates(ours)[0], decode_tokens_per_s=rates(ours)[1],
+                       ttft_s=rates(ours)[2], peak_memory_bytes=peak, roofline_tokens_per_s=roofline,
+                       roofline_fraction=rates(ours)[1] / roofline)
+        if theirs:
+            figures.update(transformers_generated_tokens_per_s=rates(theirs)[0],
+                           transformers_decode_tokens_per_s=rates(theirs)[1], transformers_ttft_s=rates(theirs)[2],
+                           speedup_vs_transformers=rates(ours)[0] / rates(theirs)[0])
+        _write_json(args, device, mcfg, dtype, figures)
+    return 0
+
+
+def _write_json(args, device, mcfg: ModelConfig, dtype: str, figures: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(dict(bench="sampler", device=device.device_kind, platform=device.platform, devices=jax.device_count(),
+                       model=args.preset, params=mcfg.num_params, dtype=dtype, mix=args.mix, prompts=args.prompts,
+                       group_size=args.group_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, threads=args.threads,
+                       **figures), f, indent=1)
+    print(f"wrote {args.json}")
+
+
+def _long_tail(args, mcfg: ModelConfig, mesh, prompts, cfg: sampler.SamplerConfig, device) -> int:
+    P, G, N = args.prompts, args.group_size, args.new_tokens
+    B = P * G
+    slots = args.slots or max(1, B // 4)
+    limits = long_tail_limits(B, N)
+    model = create_model(mcfg, mesh=mesh, rules=sharding.SAMPLE_RULES)
+    r = time_long_tail(model, prompts, cfg, limits, slots, args.repeats)
+    useful = r["useful_tokens"]
+    print(f"r1jax sampler benchmark, long-tailed lengths, on {jax.device_count()} x {device.device_kind}")
+    print(f"model   {args.preset} sizes, {mcfg.num_params / 1e6:.2f}M params (random init), {mcfg.param_dtype}")
+    print(f"batch   {P} prompts x G={G} = {B} requests, prompt {args.prompt_len} tokens, caps {limits.min()}.."
+          f"{limits.max()} new tokens (mean {limits.mean():.1f}; {useful} of {B * N}), top_p {args.top_p}, "
+          f"median of {args.repeats}")
+    print(f"{'':34}{'seconds':>10}{'tokens/s':>12}")
+    print(f"{'lockstep batch (' + str(B) + ' rows)':34}{r['lockstep_s']:10.2f}{useful / r['lockstep_s']:12.1f}")
+    print(f"{'continuous batching (' + str(slots) + ' slots)':34}{r['continuous_s']:10.2f}"
+          f"{useful / r['continuous_s']:12.1f}")
+    print(f"continuous batching: {r['lockstep_s'] / r['continuous_s']:.2f}x the lockstep batch "
+          "(tokens/s counts each request's tokens up to its cap)")
+    if args.json:
+        _write_json(args, device, mcfg, mcfg.param_dtype, dict(
+            slots=slots, useful_tokens=useful, lockstep_s=r["lockstep_s"], continuous_s=r["continuous_s"],
+            speedup_continuous_vs_lockstep=r["lockstep_s"] / r["continuous_s"]))
     return 0
 
 
