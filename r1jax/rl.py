@@ -23,6 +23,20 @@ from r1jax.rewards import RewardSet, routed_mean
 from r1jax.run import Context, NonFiniteError, Policy, Preempted
 
 
+def _logp_gap(old_logp, sampler_logp, mask, is_weights, cap: float) -> dict:
+    """How far the sampler's log-probs are from the trainer's old ones over the loss's tokens (bf16 kernels,
+    top-p's renormalisation): the mean and max |gap|, and the importance weights' mean and capped share."""
+    valid = np.asarray(sharding.host_array(mask), bool)
+    gap = np.abs(np.asarray(sharding.host_array(old_logp)) - np.asarray(sharding.host_array(sampler_logp)))[valid]
+    out = {"sampler_logp_gap_mean": float(gap.mean()) if gap.size else 0.0,
+           "sampler_logp_gap_max": float(gap.max()) if gap.size else 0.0}
+    if is_weights is not None:
+        w = np.asarray(sharding.host_array(is_weights))[valid]
+        out.update(tis_weight_mean=float(w.mean()) if w.size else 0.0,
+                   tis_capped_frac=float((w >= cap).mean()) if w.size else 0.0)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     steps: int = 1000
@@ -41,6 +55,11 @@ class RLConfig:
     importance: Literal["token", "sequence"] = "token"
     ref_reset_every: int = 400  # the reference becomes the current policy every N steps (R1)
     recompute_old_logp: bool = False  # else the sampler's log-probs are the old policy's
+    # > 0: truncated importance sampling. The sampler returns its behaviour log-probs (of the distribution it drew
+    # from, after top-k/top-p: SamplerConfig.logprobs="sampled"), the trainer recomputes the old policy's, and each
+    # token's surrogate is weighted by min(pi_old / pi_sampler, tis_cap) (grpo.tis_weights; needs
+    # recompute_old_logp). Required when RL samples with top_p or top_k, whose draws pi_old does not describe.
+    tis_cap: float = 0.0
     mask_truncated: bool = False  # drop completions that hit max_new_tokens from the loss
     temperature: float = 1.0
     top_p: float = 1.0
@@ -93,6 +112,14 @@ class RLConfig:
             raise ValueError(f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1")
         if not 0 < self.top_p <= 1 or self.top_k < 0 or self.log_samples_every < 0:
             raise ValueError("top_p must be in (0, 1], top_k >= 0 and log_samples_every >= 0")
+        if self.tis_cap < 0 or (self.tis_cap and not self.recompute_old_logp):
+            raise ValueError(f"tis_cap={self.tis_cap} must be >= 0, and > 0 needs recompute_old_logp=true (the "
+                             "weights compare the trainer's old log-probs with the sampler's)")
+        if (self.top_p < 1 or self.top_k) and not self.tis_cap:
+            raise ValueError(f"top_p={self.top_p}, top_k={self.top_k}: the samples come from a truncated "
+                             "distribution the policy's log-probs do not describe, which biases the ratio; set "
+                             "recompute_old_logp=true tis_cap=2 (truncated importance sampling) or sample the full "
+                             "distribution")
 
     def check_mesh(self, mesh) -> None:
         """Before any compute (and after every override: it relates several settings): the batch must split
@@ -269,7 +296,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
     scfg = sampler.SamplerConfig(
         max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens, group_size=G,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids),
-        pad_id=tok.pad_id, slots=cfg.slots)
+        pad_id=tok.pad_id, slots=cfg.slots, logprobs="sampled" if cfg.tis_cap else "full")
 
     ckpt = Checkpointer(ctx.stage_dir(name) + "/checkpoints", keep=cfg.checkpoint_keep)
     start = 0
@@ -333,11 +360,14 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         put = lambda x: sharding.put_rows(x, mesh, sharding.TRAIN_RULES)  # noqa: E731
         prompt_BxTp, prompt_mask_BxTp = put(groups.prompt_tokens_BxTp), put(groups.prompt_mask_BxTp)
         completion_BxT, loss_mask_BxT = put(groups.tokens_BxT), put(loss_mask)
-        old_logp = put(groups.logp_BxT)
+        old_logp = sampler_logp = put(groups.logp_BxT)
+        is_weights = None
         if cfg.recompute_old_logp:
             old_logp = train.rollout_logprobs(state.graphdef, state.params, prompt_BxTp, prompt_mask_BxTp,
                                               completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
                                               chunk=cfg.logprob_chunk, share=ref_share)
+            if cfg.tis_cap:
+                is_weights = grpo.tis_weights(old_logp, sampler_logp, cfg.tis_cap, mask_BxT=loss_mask_BxT)
         ref_logp = None
         if use_ref:
             ref_logp = train.rollout_logprobs(state.graphdef, ref_params, prompt_BxTp, prompt_mask_BxTp,
@@ -346,7 +376,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         jax.block_until_ready((old_logp, ref_logp))
         t_ref = time.perf_counter()
         batch = train.RLBatch(prompt_BxTp, prompt_mask_BxTp, completion_BxT, loss_mask_BxT, old_logp, ref_logp,
-                              put(adv_B))
+                              put(adv_B), is_weights)
         lr = float(schedule(int(sharding.host_array(state.step))))
         state, update_metrics = (update or functools.partial(train.rl_update, hp=hp))(
             state, batch, jax.random.fold_in(step_key, 1))
@@ -377,6 +407,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
             "time_idle_s": (t2 - t0) - sample_stats["time_sample_s"] - (t2 - t1),
             "tokens_per_s": float(lengths.sum() / max(t2 - t0, 1e-9)),
         }
+        if cfg.recompute_old_logp:
+            record.update(_logp_gap(old_logp, sampler_logp, loss_mask_BxT, is_weights, cfg.tis_cap))
         if cfg.overlong_buffer:
             record["overlong_penalty_mean"] = float((groups.rewards_B - groups.task_rewards_B).mean())
         if not use_ref:

@@ -4,9 +4,11 @@ Shapes: P prompts, G completions per prompt, B = P*G rows (group-major: row p*G 
 left-padded) length or the completion length `max_new_tokens` (each array's own), S cache slots, V vocab.
 
 Log-prob convention (DESIGN.md): a returned log-prob is log_softmax(logits / temperature) at the chosen token,
-the same number `Transformer.token_logprobs(..., temperature=temperature)` recomputes in the trainer. top-k,
-top-p and min-p only shape which tokens can be drawn; they never change the returned log-probs. Greedy decoding
-returns log_softmax(logits) (temperature 1), so `greedy=True` requires `temperature=1.0`.
+the same number `Transformer.token_logprobs(..., temperature=temperature)` recomputes in the trainer; top-k,
+top-p and min-p then only shape which tokens can be drawn. With `logprobs="sampled"` it is instead the log-prob
+under the distribution actually drawn from (the filtered one, renormalised): the behaviour policy's, for an
+explicit importance correction in the trainer (rl.RLConfig.tis_cap). Greedy decoding returns log_softmax(logits)
+(temperature 1), so `greedy=True` requires `temperature=1.0`.
 """
 import dataclasses
 import functools
@@ -46,6 +48,7 @@ class SamplerConfig:
     # (r1jax.engine) over this many decode slots; a finished row's slot takes the next waiting request.
     slots: int = 0
     decode_impl: str = "xla"  # continuous batching's decode attention: kernels.decode_attention impl
+    logprobs: str = "full"  # "full": log_softmax(logits / temperature); "sampled": of the filtered distribution
 
     def __post_init__(self):
         # Lists from the command line or a recipe become tuples, so the config stays hashable (a jit static).
@@ -73,6 +76,8 @@ class SamplerConfig:
             problems.append(f"cache_dtype={self.cache_dtype!r}; choose from {_DTYPES}")
         if self.slots < 0:
             problems.append(f"slots={self.slots} must be >= 0 (0: the lockstep batch)")
+        if self.logprobs not in ("full", "sampled"):
+            problems.append(f"logprobs={self.logprobs!r}; choose full or sampled")
         if self.decode_impl not in ("xla", "pallas"):
             problems.append(f"decode_impl={self.decode_impl!r}; choose xla or pallas")
         if problems:
@@ -195,7 +200,8 @@ def first_argmax(x_BxC):
 
 
 def sample_tokens(logits_BxV, key, cfg: SamplerConfig):
-    """(token_B, logp_B): a draw per row and its log_softmax(logits / temperature)."""
+    """(token_B, logp_B): a draw per row and its log-prob, log_softmax(logits / temperature) or, with
+    cfg.logprobs="sampled", the log-prob under the filtered distribution it was drawn from."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if cfg.greedy:
         token_B = jnp.argmax(logits_BxV, axis=-1)
@@ -208,6 +214,9 @@ def sample_tokens(logits_BxV, key, cfg: SamplerConfig):
         perturbed_BxC = jax.random.gumbel(key, cand_BxC.shape, jnp.float32) + cand_BxC
         choice_B = first_argmax(perturbed_BxC)
         token_B = choice_B if ids_BxC is None else jnp.take_along_axis(ids_BxC, choice_B[:, None], -1)[:, 0]
+        if cfg.logprobs == "sampled":
+            picked_B = jnp.take_along_axis(cand_BxC, choice_B[:, None], -1)[:, 0]
+            return token_B.astype(jnp.int32), picked_B - jax.nn.logsumexp(cand_BxC, axis=-1)
     picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], -1)[:, 0]
     logp_B = picked_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
     return token_B.astype(jnp.int32), logp_B

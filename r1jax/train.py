@@ -134,6 +134,7 @@ class RLBatch:
     old_logp_BxT: jax.Array
     ref_logp_BxT: jax.Array | None
     adv_B: jax.Array
+    is_weights_BxT: jax.Array | None = None  # per-token importance weights on the surrogate (grpo.tis_weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +210,7 @@ def rl_update(state: TrainState, batch: RLBatch, key: jax.Array, hp: RLHyper):
             clip_low=hp.clip_low, clip_high=hp.clip_high, kl_coef=hp.kl_coef, kl_kind=hp.kl_kind,
             aggregation=hp.aggregation, max_len=hp.max_len, importance=hp.importance,
             dual_clip=hp.dual_clip, log_ratio_clamp=hp.log_ratio_clamp, normalizer=normalizer,
-            loss_type=hp.loss_type)
+            loss_type=hp.loss_type, is_weights_BxT=mb.is_weights_BxT)
         mask = mb.completion_mask_BxT
         gap_BxT = jnp.where(mask, jnp.abs(logp_BxT - mb.old_logp_BxT), 0.0)
         stats = {

@@ -1,5 +1,5 @@
 """The GRPO variants as options of the RL stages, on hand-made rollouts: DAPO dynamic sampling, overlong
-reward shaping in tokens, and the CISPO loss reaching the update."""
+reward shaping in tokens, the CISPO loss and truncated importance sampling reaching the update."""
 import types
 
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from r1jax import rl, train
+from r1jax import grpo, rl, train
 from r1jax.rewards import Reward, RewardSet
 from test_faults import _tiny_state
 
@@ -131,3 +131,37 @@ def test_cispo_reaches_the_update():
                                  train.RLHyper(loss_type="cispo"))
     np.testing.assert_allclose(float(metrics["loss"]), 1.2 * float(jnp.mean(logp)), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ratio_mean"]), np.exp(2), rtol=1e-5)
+
+
+def test_tis_weights_reach_the_update_and_top_p_needs_them():
+    _, state = _tiny_state(optax.sgd(0.0))
+    B, Tp, T = 8, 4, 3
+    prompt, completion = jnp.ones((B, Tp), jnp.int32), jnp.full((B, T), 5, jnp.int32)
+    mask_p, mask = jnp.ones((B, Tp), bool), jnp.ones((B, T), bool)
+    logp = train.rollout_logprobs(state.graphdef, state.params, prompt, mask_p, completion, mask, temperature=1.0)
+    # Ratio 1, advantage -1: each token's PPO term is 1; a weight of 0.25 makes the loss 0.25.
+    weights = jnp.full((B, T), 0.25)
+    batch = train.RLBatch(prompt, mask_p, completion, mask, logp, None, -jnp.ones(B), weights)
+    _, metrics = train.rl_update(jax.tree.map(jnp.copy, state), batch, jax.random.key(0), train.RLHyper())
+    np.testing.assert_allclose(float(metrics["loss"]), 0.25, rtol=1e-6)
+    # Sampling RL rollouts with top_p/top_k without the correction is refused; the correction needs the
+    # trainer's recomputed old log-probs.
+    with pytest.raises(ValueError, match="biases the ratio"):
+        rl.RLConfig(top_p=0.9)
+    with pytest.raises(ValueError, match="recompute_old_logp"):
+        rl.RLConfig(top_k=20, tis_cap=2.0)
+    rl.RLConfig(top_p=0.9, recompute_old_logp=True, tis_cap=2.0)
+
+
+def test_logp_gap_and_tis_metrics():
+    old = np.log(np.array([[0.5, 0.2, 0.1], [0.4, 0.3, 0.9]]))
+    sampler_logp = np.log(np.array([[0.5, 0.4, 0.01], [0.8, 0.3, 0.9]]))
+    mask = np.array([[True, True, True], [True, True, False]])
+    w = grpo.tis_weights(jnp.asarray(old), jnp.asarray(sampler_logp), 2.0, mask_BxT=jnp.asarray(mask))
+    got = rl._logp_gap(jnp.asarray(old), jnp.asarray(sampler_logp), jnp.asarray(mask), w, 2.0)
+    gaps = np.abs(old - sampler_logp)[mask]
+    np.testing.assert_allclose(got["sampler_logp_gap_mean"], gaps.mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["sampler_logp_gap_max"], np.log(10), rtol=1e-6)
+    # weights: 1, 0.5, min(10, 2) = 2, 0.5, 1 over the five valid tokens
+    np.testing.assert_allclose(got["tis_weight_mean"], 5.0 / 5, rtol=1e-6)
+    np.testing.assert_allclose(got["tis_capped_frac"], 1 / 5, rtol=1e-6)

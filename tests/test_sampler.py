@@ -232,6 +232,21 @@ def test_sampling_distribution_matches_filtered(model, temperature, top_k, top_p
     assert p_value > CHI_P_MIN, (chi2, len(expected) - 1, p_value)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 5, 1.0, 0.0), (1.5, 0, 0.7, 0.02)])
+def test_sampled_logprobs_are_the_filtered_distributions(model, temperature, top_k, top_p, min_p):
+    """logprobs="sampled": the same draws, each with its log-prob under the renormalised filtered distribution
+    (the behaviour policy an importance correction divides by)."""
+    prompt = [3, 14, 15, 9, 26]
+    cfg = SamplerConfig(max_prompt_len=16, max_new_tokens=1, group_size=64, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_p=min_p)
+    full = _np(sampler.generate(model, [prompt], jax.random.key(4), cfg))
+    sampled = _np(sampler.generate(model, [prompt], jax.random.key(4), cfg.replace(logprobs="sampled")))
+    np.testing.assert_array_equal(sampled.tokens_BxT, full.tokens_BxT)
+    probs = _filtered_probs(_next_logits(model, prompt), temperature, top_k, top_p, min_p)
+    np.testing.assert_allclose(sampled.logp_BxT[:, 0], np.log(probs[sampled.tokens_BxT[:, 0]]), atol=1e-5, rtol=0)
+    assert (sampled.logp_BxT[:, 0] > full.logp_BxT[:, 0]).all()  # renormalised over fewer tokens
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sharding, retracing, inputs.
 
