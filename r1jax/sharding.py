@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -215,7 +216,19 @@ def allgather_json(value) -> list:
 
 def for_sampling(model, mesh: Mesh):
     """A view of `model` on the sampling rules' shardings (weights replicated over fsdp): a copy where they
-    differ. The caller's module is never modified."""
+    differ. The caller's module is never modified.
+
+    Weights kept in a wider dtype than the model computes in (fp32 master weights, bf16 compute) are cast once
+    here, before the reshard, so the sampler holds one compute-dtype copy (no second fp32 copy, no cast inside
+    the decode loop). Only matrices and the stacked per-layer vectors are cast: the forward casts exactly those
+    to the compute dtype itself (the final norm's scale it uses as stored), so the numbers do not change."""
+    dt = jnp.dtype(model.cfg.compute_dtype)
+    graphdef, state = nnx.split(model)
+
+    def cast(x):
+        return x.astype(dt) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+
+    model = nnx.merge(graphdef, jax.tree.map(cast, state))
     view = reshard(model, mesh, SAMPLE_RULES)  # a new module: setting its act_sharding leaves `model` alone
     view.act_sharding = ActivationSharding(mesh, SAMPLE_RULES)
     return view

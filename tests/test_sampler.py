@@ -232,6 +232,21 @@ def test_sampling_distribution_matches_filtered(model, temperature, top_k, top_p
     assert p_value > CHI_P_MIN, (chi2, len(expected) - 1, p_value)
 
 
+def test_sampling_view_holds_compute_dtype_weights_and_samples_the_same():
+    """fp32 master weights, bf16 compute: for_sampling casts the weights once (the final norm's scale, used as
+    stored, stays fp32) and the forward gives the uncast weights' logits. (XLA's CPU backend cannot run the
+    decode's bf16 attention dots, so the comparison is the teacher-forced forward.)"""
+    mesh = sharding.MeshConfig().make(jax.devices()[:1])
+    master = create_model(CFG.replace(dtype="bfloat16"), mesh=mesh, seed=0)
+    view = sharding.for_sampling(master, mesh)
+    dtypes = {k: v.get_value().dtype for k, v in nnx.to_flat_state(nnx.state(view))}
+    assert dtypes.pop(("final_norm",)) == jnp.float32
+    assert set(dtypes.values()) == {jnp.dtype(jnp.bfloat16)}
+    assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(master)))
+    tokens = jnp.asarray([PROMPTS[1]])
+    np.testing.assert_array_equal(np.asarray(view(tokens)[0]), np.asarray(master(tokens)[0]))
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 5, 1.0, 0.0), (1.5, 0, 0.7, 0.02)])
 def test_sampled_logprobs_are_the_filtered_distributions(model, temperature, top_k, top_p, min_p):
     """logprobs="sampled": the same draws, each with its log-prob under the renormalised filtered distribution
