@@ -47,14 +47,22 @@ test-slow: $(TEST_STAMP)
 # Figures land in $(BENCH_OUT) as JSON beside the printed tables.
 BENCH_OUT ?= runs/bench
 
+# `make bench` runs them all and merges their figures into $(BENCH_OUT)/bench.json, by device kind.
 bench: bench-grpo bench-sampler
+	$(BIN)/python -m r1jax.bench.summary $(BENCH_OUT)
 
 bench-grpo: $(BENCH_STAMP)
 	@mkdir -p $(BENCH_OUT)
 	$(BIN)/python -m r1jax.bench.grpo_step --json $(BENCH_OUT)/grpo_step.json $(ARGS)
 
+# The sampler at the smollm2-135m shape with top-p 0.95 (against transformers on CPU), then long-tailed lengths
+# (lockstep vs continuous batching) at the toy shape.
 bench-sampler: $(BENCH_STAMP)
-	$(BIN)/python -m r1jax.bench.sampler $(ARGS)
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python -m r1jax.bench.sampler --preset smollm2-135m --prompts 8 -G 4 --prompt-len 64 --new-tokens 64 \
+		--top-p 0.95 --repeats 2 --json $(BENCH_OUT)/sampler.json $(ARGS)
+	$(BIN)/python -m r1jax.bench.sampler --mix long-tail --preset toy --prompts 8 -G 8 --prompt-len 64 \
+		--new-tokens 256 --slots 16 --json $(BENCH_OUT)/sampler_long_tail.json $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,6 +23,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 1024
     batch_prompts: int = 64  # prompts per generate call (lockstep)
+    stop_strings: tuple[str, ...] = ()  # completions also end on these texts (e.g. </answer>), kept in them
     # > 0: continuous batching over this many decode slots (r1jax.engine), every prompt in one call; 0: lockstep
     slots: int = 0
 
@@ -63,7 +64,7 @@ def evaluate(model, records: list[dict], render, tokenizer: Tokenizer, cfg: Eval
     rewards = rewards or _EVAL_REWARDS
     scfg = sampler_cfg.replace(group_size=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                top_k=0, min_p=0.0, greedy=False, max_new_tokens=cfg.max_new_tokens,
-                               slots=cfg.slots)
+                               slots=cfg.slots, stop_strings=cfg.stop_strings)
     records, prompts, too_long = rollout.encode_prompts(records, render, tokenizer, scfg.max_prompt_len)
     if not records:
         raise ValueError(f"no evaluation prompt fits max_prompt_len={scfg.max_prompt_len} ({too_long} too long)")

@@ -42,6 +42,7 @@ class GenerationConfig:
     max_prompt_len: int = 512  # longer prompts (with the template) are dropped and counted
     max_new_tokens: int = 1024
     batch_prompts: int = 64  # prompts per generate call (and per resumable batch on disk)
+    stop_strings: tuple[str, ...] = ()  # completions also end on these texts (e.g. </answer>), kept in them
     slots: int = 0  # > 0: continuous batching over this many decode slots (r1jax.engine); 0: lockstep batches
 
     def __post_init__(self):
@@ -122,10 +123,14 @@ def _check_settings(directory: str, settings: dict, records: list[dict]) -> None
     resumable), except that the records may have grown: when the earlier records are the first ones of the new
     list, the run is incremental (finished batches are kept; new and unfinished ones are sampled)."""
     path = os.path.join(directory, "generation.json")
+    settings = json.loads(json.dumps(settings))  # as read back: tuples are lists
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-        changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+        # A setting added since `before` was written counts as its default there.
+        defaults = json.loads(json.dumps(dataclasses.asdict(GenerationConfig())))
+        changed = sorted(k for k in settings.keys() | before.keys()
+                         if settings.get(k) != before.get(k, defaults.get(k)))
         grown = (set(changed) <= {"records", "records_sha256"} and settings["records"] > before.get("records", 0)
                  and _fingerprint(records[: before["records"]]) == before.get("records_sha256"))
         if changed and not grown:
@@ -191,7 +196,7 @@ def generate_samples(ctx: Context, policy: Policy, records: list[dict], *, name:
     scfg = sampler.SamplerConfig(max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens,
                                  group_size=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                  top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
-                                 slots=cfg.slots)
+                                 slots=cfg.slots, stop_strings=cfg.stop_strings)
     rng = jax.random.key(ctx.seed + seed_offset)
     model = sharding.for_sampling(policy.model, ctx.mesh) if done < len(batch_rows) else None
     progress = Progress(total=len(batch_rows), initial=done, desc=name)

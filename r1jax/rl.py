@@ -64,6 +64,7 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    stop_strings: tuple[str, ...] = ()  # completions also end on these texts (e.g. </answer>), kept in them
     slots: int = 0  # > 0: continuous batching over this many decode slots (r1jax.engine); 0: lockstep batches
     max_prompt_len: int = 512
     max_new_tokens: int = 1024
@@ -296,7 +297,8 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
     scfg = sampler.SamplerConfig(
         max_prompt_len=cfg.max_prompt_len, max_new_tokens=cfg.max_new_tokens, group_size=G,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tuple(tok.stop_ids),
-        pad_id=tok.pad_id, slots=cfg.slots, logprobs="sampled" if cfg.tis_cap else "full")
+        pad_id=tok.pad_id, stop_strings=cfg.stop_strings, slots=cfg.slots,
+        logprobs="sampled" if cfg.tis_cap else "full")
 
     ckpt = Checkpointer(ctx.stage_dir(name) + "/checkpoints", keep=cfg.checkpoint_keep)
     start = 0

@@ -79,6 +79,35 @@ def score(rewards: RewardSet, texts: list[str], examples: list[dict], *, step: i
     return rewards.summarize(scores, counts, examples, step=step)
 
 
+def stop_sequences(tokenizer: Tokenizer, strings) -> tuple[tuple[int, ...], ...]:
+    """Each stop string's tokens as the tokenizer writes it on its own: the spelling the sampler watches for.
+    A model may spell a string with other tokens; `trim_at_stop_strings` catches those after decoding."""
+    return tuple(tuple(tokenizer.encode(s)) for s in strings)
+
+
+def trim_at_stop_strings(tokenizer: Tokenizer, tokens_BxT, mask_BxT, logp_BxT, truncated_B, texts: list[str],
+                         rows, strings) -> list[str]:
+    """Cut each row (of `rows`; `texts` in their order) after the first token whose text completes a stop
+    string, in place: the rest leaves the mask (log-prob 0) and the row counts as finished. Returns the texts,
+    cut. Rows the sampler already stopped on a stop string end with it and are left as they are."""
+    out = list(texts)
+    for j, i in enumerate(rows):
+        ends = [out[j].find(s) + len(s) for s in strings if s in out[j]]
+        if not ends or min(ends) == len(out[j]):
+            continue
+        ids = tokens_BxT[i][mask_BxT[i]]
+        lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = tokenizer.decode(ids[:mid])
+            lo, hi = (lo, mid) if any(s in text for s in strings) else (mid + 1, hi)
+        mask_BxT[i, lo:] = False
+        logp_BxT[i, lo:] = 0.0
+        truncated_B[i] = False
+        out[j] = tokenizer.decode(ids[:lo])
+    return out
+
+
 ROW_FIELDS = ("prompt_tokens_BxTp", "prompt_mask_BxTp", "tokens_BxT", "mask_BxT", "logp_BxT", "truncated_B")
 
 
@@ -119,14 +148,19 @@ def complete(model, records: list[dict], prompts: list[list[int]], key: jax.Arra
     writes its rows and never needs the others'); collective rewards cannot run that way across processes.
     """
     t0 = time.perf_counter()
+    if cfg.stop_strings and not cfg.stop_sequences:
+        cfg = cfg.replace(stop_sequences=stop_sequences(tokenizer, cfg.stop_strings))
     out = sampler.generate(model, prompts, key, cfg, poll=poll)
-    host = {f: host_array(getattr(out, f.replace("Tp", "T"))) for f in ROW_FIELDS}
+    host = {f: np.array(host_array(getattr(out, f.replace("Tp", "T")))) for f in ROW_FIELDS}  # writable
     t1 = time.perf_counter()
     B = len(host["tokens_BxT"])
     examples = [r for r in records for _ in range(B // len(records))]
     rows = range(*process_slice(B).indices(B)) if local else range(B)
     tokens, mask = host["tokens_BxT"], host["mask_BxT"]
     texts = tokenizer.decode_batch([tokens[i][mask[i]] for i in rows])
+    if cfg.stop_strings:
+        texts = trim_at_stop_strings(tokenizer, tokens, mask, host["logp_BxT"], host["truncated_B"], texts, rows,
+                                     cfg.stop_strings)
     scored = None
     if rewards is not None and not local:
         scored = score(rewards, texts, examples, step=step)

@@ -40,6 +40,10 @@ class SamplerConfig:
     min_p: float = 0.0  # 0.0: off; keeps tokens with p >= min_p * max p
     greedy: bool = False
     stop_ids: tuple[int, ...] = ()  # a row finishes on the first of these (kept in its mask)
+    # A row also finishes once its completion ends with one of these token sequences (kept in its mask): stop
+    # strings, encoded by the caller (rollout.stop_sequences); rollout.complete trims the rarer spellings.
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    stop_strings: tuple[str, ...] = ()  # for rollout.complete, which encodes them into stop_sequences
     pad_id: int = 0  # written after a row finishes and into prompt padding
     # Prompt widths the compiled programs take; () means powers of two from 16 up to max_prompt_len.
     prompt_buckets: tuple[int, ...] = ()
@@ -53,6 +57,8 @@ class SamplerConfig:
     def __post_init__(self):
         # Lists from the command line or a recipe become tuples, so the config stays hashable (a jit static).
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        object.__setattr__(self, "stop_sequences", tuple(tuple(int(i) for i in s) for s in self.stop_sequences))
+        object.__setattr__(self, "stop_strings", tuple(str(s) for s in self.stop_strings))
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
         problems = []
         if self.max_prompt_len < 1 or self.max_new_tokens < 1 or self.group_size < 1:
@@ -67,6 +73,8 @@ class SamplerConfig:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if not 0 <= self.min_p < 1:
             problems.append(f"min_p={self.min_p} must be in [0, 1)")
+        if any(not s for s in self.stop_strings) or any(not s or min(s) < 0 for s in self.stop_sequences):
+            problems.append("stop strings must be non-empty and stop sequences hold tokens, all >= 0")
         if any(i < 0 for i in self.stop_ids) or self.pad_id < 0:
             problems.append("stop_ids and pad_id must be >= 0")
         b = self.prompt_buckets
@@ -257,6 +265,16 @@ def _finished(token_B, cfg: SamplerConfig):
     return jnp.isin(token_B, jnp.asarray(cfg.stop_ids, jnp.int32))
 
 
+def ends_with_stop_sequence(tokens_BxN, last_B, cfg: SamplerConfig):
+    """Per row: do the completion's tokens up to column `last_B` (inclusive) end with a stop sequence?"""
+    hit_B = jnp.zeros(last_B.shape, bool)
+    for seq in cfg.stop_sequences:
+        cols_BxK = last_B[:, None] - (len(seq) - 1) + jnp.arange(len(seq))
+        window_BxK = jnp.take_along_axis(tokens_BxN, jnp.maximum(cols_BxK, 0), axis=1)
+        hit_B |= (cols_BxK[:, 0] >= 0) & jnp.all(window_BxK == jnp.asarray(seq, jnp.int32), axis=1)
+    return hit_B
+
+
 # Every trace bumps this (a Python side effect runs only while tracing); tests read it to prove reuse.
 TRACES = {"prefill": 0, "decode": 0}
 
@@ -298,7 +316,7 @@ def _prefill(graphdef, state, prompt_PxT, prompt_mask_PxT, key, cfg: SamplerConf
         tokens_BxT=tokens_BxT,
         logp_BxT=logp_BxT,
         lengths_B=jnp.ones((B,), jnp.int32),
-        finished_B=_finished(token_B, cfg),
+        finished_B=_finished(token_B, cfg) | ends_with_stop_sequence(tokens_BxT, jnp.zeros((B,), jnp.int32), cfg),
         next_pos_B=group(jnp.sum(prompt_mask_PxT, axis=1, dtype=jnp.int32), 0),
         step=jnp.zeros((), jnp.int32),
         key=key,
@@ -329,11 +347,13 @@ def _decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig
         token_B = jnp.where(live_B, token_B, cfg.pad_id)
         logp_B = jnp.where(live_B, logp_B, 0.0)
         step = ds.step + 1
+        tokens_BxT = jax.lax.dynamic_update_slice(ds.tokens_BxT, token_B[:, None], (0, step))
+        ends_B = _finished(token_B, cfg) | ends_with_stop_sequence(tokens_BxT, jnp.full((B,), step), cfg)
         ds = ds.replace(
-            tokens_BxT=jax.lax.dynamic_update_slice(ds.tokens_BxT, token_B[:, None], (0, step)),
+            tokens_BxT=tokens_BxT,
             logp_BxT=jax.lax.dynamic_update_slice(ds.logp_BxT, logp_B[:, None], (0, step)),
             lengths_B=ds.lengths_B + live_B,
-            finished_B=ds.finished_B | (live_B & _finished(token_B, cfg)),
+            finished_B=ds.finished_B | (live_B & ends_B),
             next_pos_B=ds.next_pos_B + 1,
             step=step,
         )

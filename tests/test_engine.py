@@ -85,6 +85,29 @@ def test_greedy_equals_the_lockstep_sampler(model):
     assert cont.finished_B.any() and cont.truncated_B.any()
 
 
+def test_stop_sequences_end_rows_in_both_samplers(model):
+    """A two-token stop sequence (a stop string's tokens): each row ends right after its first occurrence."""
+    cfg = CONT.replace(greedy=True, temperature=1.0, top_k=0, top_p=1.0, stop_ids=())
+    free = _np(sampler.generate(model, PROMPTS, jax.random.key(0), cfg.replace(slots=0))).tokens_BxT
+    pairs = {}
+    for row in free:
+        for j in range(1, N - 1):  # a pair ending before the last column, so its row is cut short
+            pairs.setdefault((int(row[j - 1]), int(row[j])), set()).add(tuple(row))
+    seq = max((p for p, rows in pairs.items() if len(rows) < len({tuple(r) for r in free})),
+              key=lambda p: len(pairs[p]))
+    cfg = cfg.replace(stop_sequences=(seq,))
+    cont = _np(engine.generate(model, PROMPTS, jax.random.key(0), cfg))
+    lock = _np(sampler.generate(model, PROMPTS, jax.random.key(0), cfg.replace(slots=0)))
+    for name in ("tokens_BxT", "mask_BxT", "lengths_B", "finished_B"):
+        np.testing.assert_array_equal(getattr(cont, name), getattr(lock, name), err_msg=name)
+    for row, out in zip(free, cont.tokens_BxT):
+        hits = [j for j in range(1, N) if (row[j - 1], row[j]) == seq]
+        n = hits[0] + 1 if hits else N
+        np.testing.assert_array_equal(out[:n], row[:n])
+    assert cont.finished_B.any() and not cont.finished_B.all()
+    np.testing.assert_array_equal(cont.finished_B, [any((r[j - 1], r[j]) == seq for j in range(1, N)) for r in free])
+
+
 def test_logprobs_equal_the_trainers_recompute(model, sampled):
     recomputed = np.asarray(sampler.recompute_logprobs(model, sampler.Rollout(**{
         k: getattr(sampled, k) for k in ("prompt_tokens_BxT", "prompt_mask_BxT", "tokens_BxT", "logp_BxT",

@@ -103,7 +103,7 @@ def test_overlong_shaping_penalises_the_last_tokens_before_the_limit(monkeypatch
     cfg = rl.RLConfig(prompts_per_step=3, group_size=2, max_new_tokens=T, overlong_buffer=4, overlong_penalty=0.5)
     rewards = RewardSet([Reward("one", lambda c, e: np.ones(len(c)))])
     groups, too_long = rl.sample_groups(None, lambda k: [next(stream) for _ in range(k)], 3, jax.random.key(0), cfg,
-                                        None, _Tok(), str, rewards, 0, None)
+                                        rl.sampler.SamplerConfig(), _Tok(), str, rewards, 0, None)
     assert too_long == 0 and [r["prompt"] for r in groups.records] == ["q0", "q1", "q2"]
     np.testing.assert_array_equal(groups.task_rewards_B, np.ones(6))
     np.testing.assert_allclose(groups.rewards_B, 1 - 0.5 * np.array([0, 0, 0.25, 0.75, 1, 1]), atol=1e-7)

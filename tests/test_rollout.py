@@ -148,3 +148,37 @@ def test_polled_segments_decode_the_same_tokens_and_can_be_abandoned():
 
     with pytest.raises(Stop):
         sampler.decode(*sampler.prefill(model, prompts, key, cfg), cfg, poll=stop, poll_every=4)
+
+
+class _Pieces:
+    """A tokenizer whose token i is the text PIECES[i]: '</answer>' can be spelled several ways."""
+
+    PIECES = ["<pad>", "</", "answer", ">", "</answer>", " 4", "2", " more", "<", "/answer>"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids if i != 0)
+
+    def decode_batch(self, rows, skip_special_tokens=True):
+        return [self.decode(r) for r in rows]
+
+    def encode(self, text, add_bos=False):
+        return [self.PIECES.index(text)]
+
+
+def test_stop_strings_cut_rows_the_sampler_did_not_stop():
+    tok = _Pieces()
+    assert rollout.stop_sequences(tok, ["</answer>"]) == ((4,),)
+    tokens = np.array([[5, 1, 2, 3, 7, 7],   # spelled "</" "answer" ">": cut after ">"
+                       [5, 4, 0, 0, 0, 0],   # the sampler stopped on its spelling: left alone
+                       [5, 6, 7, 7, 7, 7],   # no stop string: left alone
+                       [8, 9, 5, 6, 0, 0]])  # "<" "/answer>": cut after the second token
+    mask = tokens != 0
+    logp = np.where(mask, -0.5, 0.0)
+    truncated = np.array([True, False, True, False])
+    rows = [0, 1, 2, 3]
+    texts = tok.decode_batch([t[m] for t, m in zip(tokens, mask)])
+    got = rollout.trim_at_stop_strings(tok, tokens, mask, logp, truncated, texts, rows, ["</answer>"])
+    assert got == [" 4</answer>", " 4</answer>", " 42 more more more more", "</answer>"]
+    np.testing.assert_array_equal(mask.sum(1), [4, 2, 6, 2])
+    assert (logp[~mask] == 0).all() and (logp[mask] == -0.5).all()
+    np.testing.assert_array_equal(truncated, [False, False, True, False])

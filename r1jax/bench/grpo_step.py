@@ -223,8 +223,8 @@ def main(argv=None) -> int:
     print(table(ours, theirs))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "microbatches": args.microbatches, "r1jax": ours, "trl": theirs}, f,
-                      indent=2)
+            json.dump({"shape": args.shape, "microbatches": args.microbatches, "platform": jax.devices()[0].platform,
+                       "r1jax": ours, "trl": theirs}, f, indent=2)
     return 0
 
 
