@@ -380,6 +380,29 @@ class Transformer(nnx.Module):
             cache = KVCache(kv_out[0], kv_out[1], kv_mask_BxS, cache.index + T)
         return rms_norm(x_BxTxD, self.final_norm.get_value(), cfg.norm_eps), cache
 
+    def prefill_grouped(self, prompt_PxT, prompt_mask_PxT, *, group: int, length: int,
+                        dtype=None) -> tuple[jax.Array, KVCache]:
+        """Run P left-padded prompts once: the logits (fp32, PxV) after each one's last token, and a decode cache
+        of P*group rows (row p*group + g continues prompt p) and `length` slots, the prompt's keys and values
+        repeated for each of its rows, the rest empty; laid out like the model's activations."""
+        P, T = prompt_PxT.shape
+        dtype = dtype or self.cfg.compute_dtype
+        h_PxTxD, pcache = self.hidden(prompt_PxT, positions_from_mask(prompt_mask_PxT), prompt_mask_PxT,
+                                      KVCache.init(self.cfg, P, T, dtype))
+        # Left padding puts every prompt's last token in the last column: only that column needs the vocab head.
+        logits_PxV = self.logits(h_PxTxD[:, -1:])[:, 0]
+        empty = KVCache.init(self.cfg, P * group, length, dtype)
+
+        def start_with(all_, prompt, row_axis, axes):
+            prompt = jnp.repeat(prompt, group, axis=row_axis)
+            return self._constrain(jax.lax.dynamic_update_slice(all_, prompt, (0,) * all_.ndim), axes)
+
+        kv = (None, "batch", "kv_heads", None, None)
+        return logits_PxV, KVCache(start_with(empty.k_LxBxKxSxH, pcache.k_LxBxKxSxH, 1, kv),
+                                   start_with(empty.v_LxBxKxSxH, pcache.v_LxBxKxSxH, 1, kv),
+                                   start_with(empty.mask_BxS, prompt_mask_PxT, 0, ("batch", None)),
+                                   jnp.asarray(T, jnp.int32))
+
     def init_slot_cache(self, rows: int, length: int, dtype=None) -> SlotCache:
         """An empty cache of `rows` decode slots of `length` positions each (the model's compute dtype)."""
         return SlotCache.init(self.cfg, rows, length, dtype)

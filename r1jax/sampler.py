@@ -250,15 +250,6 @@ class DecodeState:
     key: jax.Array
 
 
-def _cache_axes(cache: KVCache, model: Transformer) -> KVCache:
-    if model.act_sharding is None:
-        return cache
-    c = model.act_sharding.constrain
-    kv = (None, "batch", "kv_heads", None, None)
-    return KVCache(c(cache.k_LxBxKxSxH, kv), c(cache.v_LxBxKxSxH, kv), c(cache.mask_BxS, ("batch", None)),
-                   cache.index)
-
-
 def _finished(token_B, cfg: SamplerConfig):
     if not cfg.stop_ids:
         return jnp.zeros(token_B.shape, bool)
@@ -284,28 +275,16 @@ def _prefill(graphdef, state, prompt_PxT, prompt_mask_PxT, key, cfg: SamplerConf
     """Run each prompt once, copy its K/V to the G rows of its group, draw every row's first token."""
     TRACES["prefill"] += 1
     model: Transformer = nnx.merge(graphdef, state)
-    mcfg = model.cfg
     P, T = prompt_PxT.shape
     G, N = cfg.group_size, cfg.max_new_tokens
-    dtype = cfg.cache_dtype or mcfg.compute_dtype
-    positions_PxT = positions_from_mask(prompt_mask_PxT)
-    h_PxTxD, pcache = model.hidden(prompt_PxT, positions_PxT, prompt_mask_PxT, KVCache.init(mcfg, P, T, dtype))
-    # Left padding puts every prompt's last token in the last column: only that column needs the vocab head.
-    logits_PxV = model.logits(h_PxTxD[:, -1:])[:, 0]
+    # The decode cache: the prompt's T slots then N for the completion (slot T+N-1 is never written: the last
+    # token drawn is never fed back).
+    logits_PxV, cache = model.prefill_grouped(prompt_PxT, prompt_mask_PxT, group=G, length=T + N,
+                                              dtype=cfg.cache_dtype)
 
     def group(x, axis):
         return jnp.repeat(x, G, axis=axis)
 
-    # The decode cache: the prompt's T slots then N for the completion (slot T+N-1 is never written: the last
-    # token drawn is never fed back).
-    cache = KVCache.init(mcfg, P * G, T + N, dtype)
-    cache = KVCache(
-        jax.lax.dynamic_update_slice(cache.k_LxBxKxSxH, group(pcache.k_LxBxKxSxH, 1), (0, 0, 0, 0, 0)),
-        jax.lax.dynamic_update_slice(cache.v_LxBxKxSxH, group(pcache.v_LxBxKxSxH, 1), (0, 0, 0, 0, 0)),
-        jax.lax.dynamic_update_slice(cache.mask_BxS, group(prompt_mask_PxT, 0), (0, 0)),
-        jnp.asarray(T, jnp.int32),
-    )
-    cache = _cache_axes(cache, model)
     token_B, logp_B = sample_tokens(group(logits_PxV, 0), jax.random.fold_in(key, 0), cfg)
     B = P * G
     tokens_BxT = jnp.full((B, N), cfg.pad_id, jnp.int32).at[:, 0].set(token_B)

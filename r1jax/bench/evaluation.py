@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         make_folder(folder, args.gsm8k)
         cmd = [sys.executable, "-m", "r1jax", "eval", "--recipe", "r1_zero", "--model", folder,
                "--out", os.path.join(tmp, "results.json"), f"data.eval={os.path.join(args.gsm8k, 'test.jsonl')}",
-               f"run_dir={os.path.join(tmp, 'run')}", f"eval.num_prompts={args.prompts}",
+               f"run_dir={os.path.join(tmp, 'run')}", "rl.max_prompt_len=320", f"eval.num_prompts={args.prompts}",
                f"eval.samples={args.samples}", f"eval.max_new_tokens={args.new_tokens}", f"eval.slots={args.slots}"]
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
