@@ -116,11 +116,12 @@ def _rewards() -> RewardSet:
 
 
 def evaluation(cfg: R1ZeroConfig) -> Evaluation:
-    """The held-out split: `data.eval`, or the built-in task's; `python -m r1jax eval` uses it too."""
-    if cfg.model == "toy" or not cfg.data.eval:
-        records = toy_splits(cfg)[1] if cfg.model == "toy" else []
-    else:
+    """The held-out split: `data.eval`, else the built-in task's (model=toy); `python -m r1jax eval` uses it too
+    (an explicit data.eval wins there even when the model is a `--model` folder and `model=` is left at toy)."""
+    if cfg.data.eval:
         records = _read(cfg.data.eval, cfg.data)
+    else:
+        records = toy_splits(cfg)[1] if cfg.model == "toy" else []
     return Evaluation(cfg.eval, records[: cfg.eval.num_prompts], r1_zero_prompt, cfg.rl.max_prompt_len)
 
 

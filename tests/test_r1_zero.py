@@ -105,3 +105,13 @@ def test_hf_folder_with_gsm8k_runs_two_steps(tmp_path):
     assert train[0]["kl"] < 1e-6
     # No data.eval: evaluation is off (it used to crash at step 0), and eval.every=0 means none anyway.
     assert not [r for r in records if r["kind"] == "eval"]
+
+
+def test_an_explicit_eval_file_wins_over_the_toy_split():
+    """`python -m r1jax eval --recipe r1_zero --model <folder> data.eval=<GSM8K>` leaves model= at toy: the eval
+    file must still be what is measured (it used to be the toy task's held-out sums)."""
+    cfg = run.config(r1_zero, None, [f"data.eval={GSM8K_DIR}/test.jsonl", "eval.num_prompts=3"])
+    first = json.loads(next(open(os.path.join(GSM8K_DIR, "test.jsonl"))))["question"]
+    records = r1_zero.evaluation(cfg).records
+    assert len(records) == 3 and records[0]["prompt"] == first
+    assert r1_zero.evaluation(run.config(r1_zero, None, [])).records[0]["prompt"].startswith("Compute")
