@@ -130,6 +130,7 @@ def test_per_request_limits(model, sampled):
         engine.generate(model, PROMPTS, jax.random.key(1), CONT, max_new_tokens_R=[N + 1] * 12)
 
 
+@pytest.mark.slow  # the kernel's own parity is in test_kernels.py (fast); here it drives the engine, in interpret mode
 def test_pallas_decode_equals_xla(model, sampled):
     """The kernel in interpret mode inside the decode loop: the same tokens as the jnp path."""
     r = _np(engine.generate(model, PROMPTS[:3], jax.random.key(1), CONT.replace(decode_impl="pallas")))
@@ -152,6 +153,7 @@ def test_sampler_dispatches_and_programs_are_reused(model, sampled):
     assert engine.TRACES == before
 
 
+@pytest.mark.slow  # compiles the engine twice more; the sharded forward itself is tested fast in test_sampler.py
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 8)])
 def test_sharded_equals_single_device(model, sampled, shape):
     mesh = sharding.MeshConfig(*shape).make()
