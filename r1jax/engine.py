@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx, struct
 
 from r1jax.model import SlotCache, Transformer
-from r1jax.sampler import Rollout, SamplerConfig, check_fits, ends_with_stop_sequence, pad_prompts, sample_tokens
+from r1jax.sampler import Rollout, SamplerConfig, check_fits, pad_prompts, sample_tokens, stops
 from r1jax.sharding import host_array
 
 _MIN_READ = 64  # the smallest attention window (cache slots) a decode program reads
@@ -78,8 +78,7 @@ def _record(sl: Slots, writing_B, token_B, logp_B, cfg: SamplerConfig) -> Slots:
     rows_B = jnp.arange(token_B.shape[0])
     at_B = jnp.where(writing_B, sl.drawn_B, N)  # N: out of range, dropped
     tokens_BxN = sl.tokens_BxN.at[rows_B, at_B].set(token_B, mode="drop")
-    stop_B = (jnp.isin(token_B, jnp.asarray(cfg.stop_ids or (-1,), jnp.int32))
-              | ends_with_stop_sequence(tokens_BxN, sl.drawn_B, cfg))
+    stop_B = stops(tokens_BxN, jnp.minimum(sl.drawn_B, N - 1), cfg)
     drawn_B = sl.drawn_B + writing_B
     ends_B = writing_B & (stop_B | (drawn_B >= sl.limit_B))
     return sl.replace(

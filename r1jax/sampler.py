@@ -250,12 +250,6 @@ class DecodeState:
     key: jax.Array
 
 
-def _finished(token_B, cfg: SamplerConfig):
-    if not cfg.stop_ids:
-        return jnp.zeros(token_B.shape, bool)
-    return jnp.isin(token_B, jnp.asarray(cfg.stop_ids, jnp.int32))
-
-
 def ends_with_stop_sequence(tokens_BxN, last_B, cfg: SamplerConfig):
     """Per row: do the completion's tokens up to column `last_B` (inclusive) end with a stop sequence?"""
     hit_B = jnp.zeros(last_B.shape, bool)
@@ -264,6 +258,14 @@ def ends_with_stop_sequence(tokens_BxN, last_B, cfg: SamplerConfig):
         window_BxK = jnp.take_along_axis(tokens_BxN, jnp.maximum(cols_BxK, 0), axis=1)
         hit_B |= (cols_BxK[:, 0] >= 0) & jnp.all(window_BxK == jnp.asarray(seq, jnp.int32), axis=1)
     return hit_B
+
+
+def stops(tokens_BxN, last_B, cfg: SamplerConfig):
+    """Per row: does the token at column `last_B` end the completion (a stop id, or the end of a stop
+    sequence)? Both samplers ask this after writing each token."""
+    token_B = jnp.take_along_axis(tokens_BxN, last_B[:, None], axis=1)[:, 0]
+    hit_B = ends_with_stop_sequence(tokens_BxN, last_B, cfg)
+    return hit_B | jnp.isin(token_B, jnp.asarray(cfg.stop_ids, jnp.int32)) if cfg.stop_ids else hit_B
 
 
 # Every trace bumps this (a Python side effect runs only while tracing); tests read it to prove reuse.
@@ -295,7 +297,7 @@ def _prefill(graphdef, state, prompt_PxT, prompt_mask_PxT, key, cfg: SamplerConf
         tokens_BxT=tokens_BxT,
         logp_BxT=logp_BxT,
         lengths_B=jnp.ones((B,), jnp.int32),
-        finished_B=_finished(token_B, cfg) | ends_with_stop_sequence(tokens_BxT, jnp.zeros((B,), jnp.int32), cfg),
+        finished_B=stops(tokens_BxT, jnp.zeros((B,), jnp.int32), cfg),
         next_pos_B=group(jnp.sum(prompt_mask_PxT, axis=1, dtype=jnp.int32), 0),
         step=jnp.zeros((), jnp.int32),
         key=key,
@@ -327,7 +329,7 @@ def _decode(graphdef, state, ds: DecodeState, cache: KVCache, cfg: SamplerConfig
         logp_B = jnp.where(live_B, logp_B, 0.0)
         step = ds.step + 1
         tokens_BxT = jax.lax.dynamic_update_slice(ds.tokens_BxT, token_B[:, None], (0, step))
-        ends_B = _finished(token_B, cfg) | ends_with_stop_sequence(tokens_BxT, jnp.full((B,), step), cfg)
+        ends_B = stops(tokens_BxT, jnp.full((B,), step), cfg)
         ds = ds.replace(
             tokens_BxT=tokens_BxT,
             logp_BxT=jax.lax.dynamic_update_slice(ds.logp_BxT, logp_B[:, None], (0, step)),

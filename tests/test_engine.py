@@ -7,9 +7,8 @@ import pytest
 from flax import nnx
 
 from r1jax import engine, sampler, sharding
-from r1jax.model import create_model
 from r1jax.sampler import SamplerConfig
-from test_sampler import CFG
+from test_sampler import model  # noqa: F401  the same weights, one module-scoped fixture here
 
 PROMPTS = [[5, 9, 11], [7, 1, 2, 3, 4, 8, 9, 10, 12], [33], [2] * 6 + [40, 41, 42, 43, 44, 45, 46, 47],
            [3, 3, 4], [60, 61, 62, 63, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]  # buckets 16, 32
@@ -17,14 +16,6 @@ G, N = 2, 12
 # Stop ids drawn often enough that completions end at many lengths; 3 slots for 12 requests: slots refill.
 CONT = SamplerConfig(max_prompt_len=32, max_new_tokens=N, group_size=G, temperature=0.8, top_k=20, top_p=0.9,
                      stop_ids=tuple(range(0, 64, 5)), pad_id=63, slots=3)
-
-
-@pytest.fixture(scope="module")
-def model():
-    mesh = sharding.MeshConfig().make(jax.devices()[:1])
-    model = create_model(CFG, mesh=mesh, rules=sharding.SAMPLE_RULES, seed=0)
-    model.lm_head.set_value(model.lm_head.get_value() * 2.0)
-    return model
 
 
 def _np(rollout):
