@@ -50,20 +50,22 @@ def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, *, impl: Impl = "xla"
     )
 
 
-def cached_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS):
-    """T new queries over a KV cache laid out heads first, (B, K, S, H): the sampler's attention.
+def cached_attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS):
+    """T new queries over a KV cache laid out heads first: keys (B, K, H, S), values (B, K, S, H): the sampler's
+    attention.
 
-    Scores and softmax in fp32, GQA by grouping each kv head's R = N/K query heads. With the slots of a head
-    contiguous, each (row, kv head) is one small matmul over its cache with no transpose of the cache (the
-    (B, S, K, H) layout cost a full copy of every layer's cache per decode step). Returns fp32.
+    Scores and softmax in fp32, GQA by grouping each kv head's R = N/K query heads. Each (row, kv head) is two
+    plain matmuls over its own contiguous block of the cache, (R, H) x (H, S) and (R, S) x (S, H), so no layout
+    change of the cache is needed at any step: with keys stored (S, H) XLA's CPU backend transposed every layer's
+    key cache at every decode step to feed the score matmul. Returns fp32.
     """
     B, T, N, H = q_BxTxNxH.shape
-    K = k_BxKxSxH.shape[1]
-    q_BxTxKxRxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores_BxKxRxTxS = jnp.einsum("BTKRH,BKSH->BKRTS", q_BxTxKxRxH, k_BxKxSxH,
+    K = k_BxKxHxS.shape[1]
+    q_BxKxRxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    scores_BxKxRxTxS = jnp.einsum("BKRTH,BKHS->BKRTS", q_BxKxRxTxH, k_BxKxHxS,
                                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
     scores_BxKxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxRxTxS, jnp.finfo(jnp.float32).min)
     probs_BxKxRxTxS = jax.nn.softmax(scores_BxKxRxTxS, axis=-1)
-    out_BxTxKxRxH = jnp.einsum("BKRTS,BKSH->BTKRH", probs_BxKxRxTxS.astype(v_BxKxSxH.dtype), v_BxKxSxH,
+    out_BxKxRxTxH = jnp.einsum("BKRTS,BKSH->BKRTH", probs_BxKxRxTxS.astype(v_BxKxSxH.dtype), v_BxKxSxH,
                                preferred_element_type=jnp.float32)
-    return out_BxTxKxRxH.reshape(B, T, N, H)
+    return out_BxKxRxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

@@ -1,7 +1,7 @@
 """Decode attention over a ragged KV cache: each row reads only its own filled slots.
 
 Shapes: B rows (decode slots), N query heads, K kv heads, R = N/K, S cache slots, H head dim. One query per
-row (the token being decoded). `lengths_B` counts each row's filled slots, [0, length); a row of length 0
+row (the token being decoded). The cache is the model's layout: keys (B, K, H, S), values (B, K, S, H). `lengths_B` counts each row's filled slots, [0, length); a row of length 0
 returns zeros.
 
 `ragged_decode_attention` is the one function callers use: "xla" is the plain jnp form (it reads every slot
@@ -21,12 +21,12 @@ from jax.experimental import pallas as pl
 DecodeImpl = Literal["xla", "pallas"]
 
 
-def ragged_decode_reference(q_BxNxH, k_BxKxSxH, v_BxKxSxH, lengths_B):
+def ragged_decode_reference(q_BxNxH, k_BxKxHxS, v_BxKxSxH, lengths_B):
     """Softmax attention of one query per row over slots [0, length) in fp32; zeros for an empty row."""
     B, N, H = q_BxNxH.shape
-    K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    K, S = k_BxKxHxS.shape[1], k_BxKxHxS.shape[3]
     q_BxKxRxH = q_BxNxH.reshape(B, K, N // K, H)
-    scores_BxKxRxS = jnp.einsum("BKRH,BKSH->BKRS", q_BxKxRxH, k_BxKxSxH,
+    scores_BxKxRxS = jnp.einsum("BKRH,BKHS->BKRS", q_BxKxRxH, k_BxKxHxS,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(H))
     valid_Bx1x1xS = (jnp.arange(S)[None, :] < lengths_B[:, None])[:, None, None, :]
     scores_BxKxRxS = jnp.where(valid_Bx1x1xS, scores_BxKxRxS, -jnp.inf)
@@ -39,7 +39,8 @@ def ragged_decode_reference(q_BxNxH, k_BxKxSxH, v_BxKxSxH, lengths_B):
 
 
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *, block: int):
-    """One (row, kv head): q_ref (Rp, H), k_ref/v_ref (S, H), o_ref (Rp, H); lengths_ref (1,): the row's length."""
+    """One (row, kv head): q_ref (Rp, H), k_ref (H, S), v_ref (S, H), o_ref (Rp, H); lengths_ref (1,): the row's
+    length."""
     length = lengths_ref[0]
     q_RxH = q_ref[...].astype(jnp.float32) / jnp.sqrt(jnp.float32(q_ref.shape[-1]))
     R, H = q_RxH.shape
@@ -47,9 +48,9 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *, block: int):
     def body(i, carry):
         acc_RxH, top_R, total_R = carry
         slots = pl.ds(i * block, block)
-        k_CxH = k_ref[slots, :].astype(jnp.float32)
+        k_HxC = k_ref[:, slots].astype(jnp.float32)
         v_CxH = v_ref[slots, :].astype(jnp.float32)
-        scores_RxC = jnp.dot(q_RxH, k_CxH.T, preferred_element_type=jnp.float32)
+        scores_RxC = jnp.dot(q_RxH, k_HxC, preferred_element_type=jnp.float32)
         valid_1xC = (i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)) < length
         scores_RxC = jnp.where(valid_1xC, scores_RxC, -jnp.inf)
         new_top_R = jnp.maximum(top_R, jnp.max(scores_RxC, axis=1))  # every block holds a valid slot: finite
@@ -68,9 +69,9 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("block", "interpret"))
-def _pallas(q_BxNxH, k_BxKxSxH, v_BxKxSxH, lengths_B, *, block: int, interpret: bool):
+def _pallas(q_BxNxH, k_BxKxHxS, v_BxKxSxH, lengths_B, *, block: int, interpret: bool):
     B, N, H = q_BxNxH.shape
-    K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    K, S = k_BxKxHxS.shape[1], k_BxKxHxS.shape[3]
     R = N // K
     # Triton's dots want both sides at least 16 wide and power-of-two blocks: pad the query heads of a group.
     Rp = _pow2_at_least(R, 16)
@@ -80,12 +81,12 @@ def _pallas(q_BxNxH, k_BxKxSxH, v_BxKxSxH, lengths_B, *, block: int, interpret: 
         grid=(B, K),
         in_specs=[pl.BlockSpec((1,), lambda b, k: (b,)),
                   pl.BlockSpec((None, None, Rp, H), lambda b, k: (b, k, 0, 0)),
-                  pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0)),
+                  pl.BlockSpec((None, None, H, S), lambda b, k: (b, k, 0, 0)),
                   pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))],
         out_specs=pl.BlockSpec((None, None, Rp, H), lambda b, k: (b, k, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((B, K, Rp, H), jnp.float32),
         interpret=interpret,
-    )(lengths_B.astype(jnp.int32), q_BxKxRpxH, k_BxKxSxH, v_BxKxSxH)
+    )(lengths_B.astype(jnp.int32), q_BxKxRpxH, k_BxKxHxS, v_BxKxSxH)
     return out[:, :, :R].reshape(B, N, H)
 
 
@@ -98,12 +99,12 @@ def block_for(slots: int, largest: int = 128) -> int:
     return block
 
 
-def ragged_decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, lengths_B, *, impl: DecodeImpl = "xla"):
+def ragged_decode_attention(q_BxNxH, k_BxKxHxS, v_BxKxSxH, lengths_B, *, impl: DecodeImpl = "xla"):
     """Attention of one query per row over that row's first `lengths_B` cache slots; fp32 out, (B, N, H)."""
     if impl == "xla":
-        return ragged_decode_reference(q_BxNxH, k_BxKxSxH, v_BxKxSxH, lengths_B)
+        return ragged_decode_reference(q_BxNxH, k_BxKxHxS, v_BxKxSxH, lengths_B)
     if impl == "pallas":
-        S = k_BxKxSxH.shape[2]
-        return _pallas(q_BxNxH, k_BxKxSxH, v_BxKxSxH, lengths_B, block=block_for(S),
+        S = k_BxKxHxS.shape[3]
+        return _pallas(q_BxNxH, k_BxKxHxS, v_BxKxSxH, lengths_B, block=block_for(S),
                        interpret=jax.default_backend() == "cpu")
     raise ValueError(f"decode attention impl={impl!r}; choose xla or pallas")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from r1jax.model import SlotCache, Transformer
+from r1jax.model import CACHE_AXES, SlotCache, Transformer
 from r1jax.sampler import Rollout, SamplerConfig, check_fits, pad_prompts, sample_tokens, stops
 from r1jax.sharding import host_array
 
@@ -54,10 +54,10 @@ def _laid_out(sl: Slots, model: Transformer) -> Slots:
         return sl
     c = model.act_sharding.constrain
     cache = sl.cache
-    kv = (None, "batch", "kv_heads", None, None)
     rows = {f: c(getattr(sl, f), ("batch",) + (None,) * (getattr(sl, f).ndim - 1))
             for f in ("request_B", "limit_B", "drawn_B", "last_B", "live_B", "stopped_B", "tokens_BxN", "logp_BxN")}
-    return sl.replace(cache=SlotCache(c(cache.k_LxBxKxSxH, kv), c(cache.v_LxBxKxSxH, kv),
+    layers = lambda kv_L: tuple(c(x, CACHE_AXES) for x in kv_L)  # noqa: E731
+    return sl.replace(cache=SlotCache(layers(cache.k_LxBxKxHxS), layers(cache.v_LxBxKxSxH),
                                       c(cache.lengths_B, ("batch",))), **rows)
 
 

@@ -198,20 +198,23 @@ PRESETS = {
 @struct.dataclass
 class KVCache:
     """Keys/values for every layer. Slots [0, index) are written; `mask_BxS` marks
-    which written slots hold real tokens (left padding does not). Heads before slots: a decode step's
-    attention reads each head's slots as one contiguous block (`kernels.attention.cached_attention`)."""
+    which written slots hold real tokens (left padding does not). Heads first, and keys with their slots last
+    (B, K, H, S), values (B, K, S, H): a decode step's attention is then two plain matmuls per (row, kv head) over
+    contiguous blocks (`kernels.attention.cached_attention`), with no layout change of the cache.
 
-    k_LxBxKxSxH: jax.Array
-    v_LxBxKxSxH: jax.Array
+    Each layer's keys and values are a buffer of their own (a tuple of L arrays), so a decode step writes and
+    reads a layer's cache in place: a slice of one stacked (L, ...) array is a copy on XLA's CPU backend (and a
+    layer's worth of cache traffic on any backend) at every step."""
+
+    k_LxBxKxHxS: tuple[jax.Array, ...]
+    v_LxBxKxSxH: tuple[jax.Array, ...]
     mask_BxS: jax.Array
     index: jax.Array  # int32 scalar: next slot to write
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
-        dtype = cfg.compute_dtype if dtype is None else dtype
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+        k, v = _empty_kv(cfg, batch, length, dtype)
+        return cls(k, v, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
     @staticmethod
     def bytes_per_row(cfg: ModelConfig, length: int, dtype=None) -> int:
@@ -219,21 +222,37 @@ class KVCache:
         itemsize = jnp.dtype(cfg.compute_dtype if dtype is None else dtype).itemsize
         return 2 * cfg.n_layers * length * cfg.n_kv_heads * cfg.head_dim * itemsize
 
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in (*self.k_LxBxKxHxS, *self.v_LxBxKxSxH))
+
 
 @struct.dataclass
 class SlotCache:
     """Keys/values of B decode slots for continuous batching (r1jax.engine): each row is its own sequence,
     written from slot 0 without padding, so row b's tokens fill slots [0, lengths_B[b]) and a token's
-    position is its slot. Rows start, grow and are replaced independently of one another."""
+    position is its slot. Rows start, grow and are replaced independently of one another. Per-layer buffers
+    laid out as in KVCache."""
 
-    k_LxBxKxSxH: jax.Array
-    v_LxBxKxSxH: jax.Array
+    k_LxBxKxHxS: tuple[jax.Array, ...]
+    v_LxBxKxSxH: tuple[jax.Array, ...]
     lengths_B: jax.Array  # int32: filled slots per row
 
     @classmethod
     def init(cls, cfg: ModelConfig, rows: int, length: int, dtype=None) -> "SlotCache":
-        kv = KVCache.init(cfg, rows, length, dtype)
-        return cls(kv.k_LxBxKxSxH, kv.v_LxBxKxSxH, jnp.zeros((rows,), jnp.int32))
+        k, v = _empty_kv(cfg, rows, length, dtype)
+        return cls(k, v, jnp.zeros((rows,), jnp.int32))
+
+
+def _empty_kv(cfg: ModelConfig, rows: int, length: int, dtype=None):
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    K, H, L = cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    return (tuple(jnp.zeros((rows, K, H, length), dtype) for _ in range(L)),
+            tuple(jnp.zeros((rows, K, length, H), dtype) for _ in range(L)))
+
+
+# A layer's keys or values as the model's activations lay them out: rows over the batch axes, kv heads over tensor.
+CACHE_AXES = ("batch", "kv_heads", None, None)
 
 
 def rms_norm(x, scale, eps: float):
@@ -359,23 +378,23 @@ class Transformer(nnx.Module):
             attn_mask_BxTxS &= (seg_q_BxTx1 == seg_k_Bx1xS) & (seg_q_BxTx1 > 0)
 
         def block(carry, p, i):
-            # The whole cache rides in the carry and takes a one-token in-place write per
-            # layer; as scan xs/ys it would be copied in full at every decode step.
+            # The cache rides in the carry, each layer's buffer taking a T-token in-place write (the layers are
+            # unrolled with a cache: `i` is a Python int).
             x_BxTxD, kv = carry
             q, k, v = self._qkv(x_BxTxD, p, cos_BxTxH, sin_BxTxH)
             if kv is None:
                 out = attention(q, k, v, attn_mask_BxTxS, impl=cfg.attn_impl)
             else:
-                k_all, v_all = kv
-                new = lambda x, all_: x.swapaxes(1, 2)[None].astype(all_.dtype)  # noqa: E731  1xBxKxTxH
-                k_all = jax.lax.dynamic_update_slice(k_all, new(k, k_all), (i, 0, 0, cache.index, 0))
-                v_all = jax.lax.dynamic_update_slice(v_all, new(v, v_all), (i, 0, 0, cache.index, 0))
-                kv = (k_all, v_all)
-                out = cached_attention(q, k_all[i], v_all[i], attn_mask_BxTxS).astype(dt)
+                ks, vs = kv
+                k_l = jax.lax.dynamic_update_slice(ks[i], k.transpose(0, 2, 3, 1).astype(ks[i].dtype),
+                                                   (0, 0, 0, cache.index))
+                v_l = jax.lax.dynamic_update_slice(vs[i], v.swapaxes(1, 2).astype(vs[i].dtype), (0, 0, cache.index, 0))
+                kv = (_set(ks, i, k_l), _set(vs, i, v_l))
+                out = cached_attention(q, k_l, v_l, attn_mask_BxTxS).astype(dt)
             return self._attn_out_and_mlp(x_BxTxD, out, p), kv
 
-        kv_in = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
-        x_BxTxD, kv_out = self._layers(block, (x_BxTxD, kv_in))
+        kv_in = None if cache is None else (cache.k_LxBxKxHxS, cache.v_LxBxKxSxH)
+        x_BxTxD, kv_out = self._layers(block, (x_BxTxD, kv_in), unrolled=cache is not None)
         if cache is not None:
             cache = KVCache(kv_out[0], kv_out[1], kv_mask_BxS, cache.index + T)
         return rms_norm(x_BxTxD, self.final_norm.get_value(), cfg.norm_eps), cache
@@ -393,14 +412,16 @@ class Transformer(nnx.Module):
         logits_PxV = self.logits(h_PxTxD[:, -1:])[:, 0]
         empty = KVCache.init(self.cfg, P * group, length, dtype)
 
-        def start_with(all_, prompt, row_axis, axes):
-            prompt = jnp.repeat(prompt, group, axis=row_axis)
+        def start_with(all_, prompt, axes):
+            prompt = jnp.repeat(prompt, group, axis=0)
             return self._constrain(jax.lax.dynamic_update_slice(all_, prompt, (0,) * all_.ndim), axes)
 
-        kv = (None, "batch", "kv_heads", None, None)
-        return logits_PxV, KVCache(start_with(empty.k_LxBxKxSxH, pcache.k_LxBxKxSxH, 1, kv),
-                                   start_with(empty.v_LxBxKxSxH, pcache.v_LxBxKxSxH, 1, kv),
-                                   start_with(empty.mask_BxS, prompt_mask_PxT, 0, ("batch", None)),
+        def layers(all_L, prompt_L):
+            return tuple(start_with(a, p, CACHE_AXES) for a, p in zip(all_L, prompt_L))
+
+        return logits_PxV, KVCache(layers(empty.k_LxBxKxHxS, pcache.k_LxBxKxHxS),
+                                   layers(empty.v_LxBxKxSxH, pcache.v_LxBxKxSxH),
+                                   start_with(empty.mask_BxS, prompt_mask_PxT, ("batch", None)),
                                    jnp.asarray(T, jnp.int32))
 
     def init_slot_cache(self, rows: int, length: int, dtype=None) -> SlotCache:
@@ -413,18 +434,19 @@ class Transformer(nnx.Module):
         Returns the logits (fp32, V) after the prompt's last token and the cache with those rows' lengths set.
         The prompt runs alone: its rows' numbers do not depend on what the other rows hold."""
         T = prompt_1xT.shape[1]
-        L, _, K, _, H = cache.k_LxBxKxSxH.shape
         A = slots_A.shape[0]
         real_1xT = jnp.arange(T)[None, :] < length
         h_1xTxD, pcache = self.hidden(prompt_1xT, jnp.arange(T)[None, :], real_1xT,
-                                      KVCache.init(self.cfg, 1, T, cache.k_LxBxKxSxH.dtype))
+                                      KVCache.init(self.cfg, 1, T, cache.k_LxBxKxHxS[0].dtype))
         logits_V = self.logits(jax.lax.dynamic_slice_in_dim(h_1xTxD, length - 1, 1, axis=1))[0, 0]
 
-        def write(all_, new_Lx1xKxTxH):
-            return all_.at[:, slots_A, :, :T, :].set(jnp.broadcast_to(new_Lx1xKxTxH, (L, A, K, T, H)), mode="drop")
+        def write(all_L, new_L, slot_axis):
+            at = (slots_A, slice(None), slice(None), slice(None))
+            at = at[:slot_axis] + (slice(0, T),) + at[slot_axis + 1:]
+            return tuple(a.at[at].set(jnp.broadcast_to(n, (A, *n.shape[1:])), mode="drop") for a, n in zip(all_L, new_L))
 
-        return logits_V, SlotCache(write(cache.k_LxBxKxSxH, pcache.k_LxBxKxSxH),
-                                   write(cache.v_LxBxKxSxH, pcache.v_LxBxKxSxH),
+        return logits_V, SlotCache(write(cache.k_LxBxKxHxS, pcache.k_LxBxKxHxS, 3),
+                                   write(cache.v_LxBxKxSxH, pcache.v_LxBxKxSxH, 2),
                                    cache.lengths_B.at[slots_A].set(length, mode="drop"))
 
     def decode_slots(self, tokens_B, cache: SlotCache, live_B, *, read_len: int | None = None,
@@ -435,25 +457,26 @@ class Transformer(nnx.Module):
         in the "pallas" kernel. Rows that are not live compute (their slot's stale contents) but do not grow."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         B = tokens_B.shape[0]
-        S = cache.k_LxBxKxSxH.shape[3]
+        S = cache.v_LxBxKxSxH[0].shape[2]
         read_len = S if read_len is None or impl == "pallas" else min(read_len, S)
         pos_B = cache.lengths_B
         rows_B = jnp.arange(B)
         cos_Bx1xH, sin_Bx1xH = rope_cos_sin(pos_B[:, None], cfg)
 
         def block(carry, p, i):
-            x_Bx1xD, (k_all, v_all) = carry
+            x_Bx1xD, (ks, vs) = carry
             q, k, v = self._qkv(x_Bx1xD, p, cos_Bx1xH, sin_Bx1xH)
-            k_all = k_all.at[i, rows_B, :, pos_B, :].set(k[:, 0].astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[i, rows_B, :, pos_B, :].set(v[:, 0].astype(v_all.dtype), mode="drop")
-            out_BxNxH = ragged_decode_attention(q[:, 0], k_all[i, :, :, :read_len], v_all[i, :, :, :read_len],
-                                                pos_B + 1, impl=impl)
-            return self._attn_out_and_mlp(x_Bx1xD, out_BxNxH[:, None].astype(dt), p), (k_all, v_all)
+            k_l = ks[i].at[rows_B, :, :, pos_B].set(k[:, 0].astype(ks[i].dtype), mode="drop")
+            v_l = vs[i].at[rows_B, :, pos_B, :].set(v[:, 0].astype(vs[i].dtype), mode="drop")
+            k_win, v_win = (k_l, v_l) if read_len == S else (k_l[..., :read_len], v_l[:, :, :read_len])
+            out_BxNxH = ragged_decode_attention(q[:, 0], k_win, v_win, pos_B + 1, impl=impl)
+            return (self._attn_out_and_mlp(x_Bx1xD, out_BxNxH[:, None].astype(dt), p),
+                    (_set(ks, i, k_l), _set(vs, i, v_l)))
 
-        x_Bx1xD, (k_all, v_all) = self._layers(block, (self._embed(tokens_B[:, None]),
-                                                       (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)))
+        x_Bx1xD, (ks, vs) = self._layers(block, (self._embed(tokens_B[:, None]),
+                                                 (cache.k_LxBxKxHxS, cache.v_LxBxKxSxH)), unrolled=True)
         h_Bx1xD = rms_norm(x_Bx1xD, self.final_norm.get_value(), cfg.norm_eps)
-        return self.logits(h_Bx1xD)[:, 0], SlotCache(k_all, v_all, pos_B + live_B.astype(jnp.int32))
+        return self.logits(h_Bx1xD)[:, 0], SlotCache(ks, vs, pos_B + live_B.astype(jnp.int32))
 
     def hidden_shared_prompt(self, prompt_QxTp, prompt_mask_QxTp, tokens_BxT, mask_BxT, share: int):
         """Final-normed hidden states of Q left-padded prompts and of B = Q * `share` continuations, row b
@@ -525,9 +548,10 @@ class Transformer(nnx.Module):
         x_BxTxD = x_BxTxD + jnp.einsum("BTF,FD->BTD", act, p["w_down"])
         return self._constrain(x_BxTxD, ("batch", None, None))
 
-    def _layers(self, block, carry):
-        """`carry = block(carry, params of layer i in the compute dtype, i)` for every layer, as one scan or
-        unrolled (`cfg.scan_layers`), each layer rematerialised in the backward pass as `cfg.remat` says."""
+    def _layers(self, block, carry, *, unrolled: bool = False):
+        """`carry = block(carry, params of layer i in the compute dtype, i)` for every layer, each layer
+        rematerialised in the backward pass as `cfg.remat` says. Stacked weights run as one scan (`i` traced) when
+        `cfg.scan_layers` and not `unrolled`, else unrolled (`i` a Python int), as per-layer weights always are."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
 
         def step(carry, layer):
@@ -538,12 +562,38 @@ class Transformer(nnx.Module):
             step = jax.checkpoint(step, prevent_cse=False)
         elif cfg.remat == "dots":
             step = jax.checkpoint(step, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+        if isinstance(self.layers, nnx.List):  # per-layer weights (`per_layer_view`)
+            for i, layer in enumerate(self.layers):
+                carry, _ = step(carry, ({name: w.get_value() for name, w in layer.items()}, i))
+            return carry
         params = {name: w.get_value() for name, w in self.layers.items()}
-        if cfg.scan_layers:
+        if cfg.scan_layers and not unrolled:
             return jax.lax.scan(step, carry, (params, jnp.arange(cfg.n_layers)))[0]
         for i in range(cfg.n_layers):
             carry, _ = step(carry, ({name: w[i] for name, w in params.items()}, i))
         return carry
+
+    def per_layer_view(self, dtype=None) -> "Transformer":
+        """A new module on the same config whose layer weights are L separate arrays (each layer's without the
+        leading layer axis) and whose layer weights, embedding and head are in `dtype` (default: as stored): what
+        decoding reads. The forward casts exactly those to the compute dtype itself, so casting to it here changes
+        no number. Stacked weights are sliced per layer inside every program that runs them, and a slice is a copy
+        on XLA's CPU backend: a decode loop would copy every weight at every step. Works under jit and eval_shape
+        (r1jax.sharding.for_sampling builds it in one program)."""
+        graphdef, state = nnx.split(self)
+        view = nnx.merge(graphdef, state)
+        cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))  # noqa: E731
+
+        def param(value, axes):
+            return nnx.Param(cast(value), axes=axes)
+
+        view.layers = nnx.List([
+            nnx.Dict({name: param(w.get_value()[i], w.get_metadata()["axes"][1:]) for name, w in self.layers.items()})
+            for i in range(self.cfg.n_layers)])
+        view.embed = param(self.embed.get_value(), self.embed.get_metadata()["axes"])
+        if not self.cfg.tie_embeddings:
+            view.lm_head = param(self.lm_head.get_value(), self.lm_head.get_metadata()["axes"])
+        return view
 
     def head_weight_DxV(self) -> jax.Array:
         return self.embed.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
@@ -615,6 +665,10 @@ def create_model(
     mesh = sharding.MeshConfig().make() if mesh is None else mesh
     act = ActivationSharding(mesh, rules)
     return sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), act_sharding=act), mesh, rules)
+
+
+def _set(items: tuple, i: int, value) -> tuple:
+    return items[:i] + (value,) + items[i + 1:]
 
 
 def rope_cos_sin(positions_BxT, cfg: ModelConfig):

@@ -117,6 +117,7 @@ def run(args) -> int:
         model = create_model(mcfg, mesh=mesh, rules=sharding.SAMPLE_RULES, seed=args.seed)
     else:
         mcfg, model = hf.load_hf(args.model, args.dtype, mesh=mesh, rules=sharding.SAMPLE_RULES)
+    model = sharding.for_sampling(model, mesh)  # per-layer weights in the compute dtype: what decoding reads
 
     start = time.perf_counter()
     rollout = sampler.generate(model, prompts, jax.random.key(args.seed), scfg)

@@ -6,6 +6,7 @@ tables. A dimension that a rule's mesh axes do not divide evenly is replicated
 instead, so e.g. Qwen2.5-0.5B's 2 kv heads stay whole on a 4-way tensor axis.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -215,20 +216,29 @@ def allgather_json(value) -> list:
 
 
 def for_sampling(model, mesh: Mesh):
-    """A view of `model` on the sampling rules' shardings (weights replicated over fsdp): a copy where they
-    differ. The caller's module is never modified.
-
-    Weights kept in a wider dtype than the model computes in (fp32 master weights, bf16 compute) are cast once
-    here, before the reshard, so the sampler holds one compute-dtype copy (no second fp32 copy, no cast inside
-    the decode loop). Only matrices and the stacked per-layer vectors are cast: the forward casts exactly those
-    to the compute dtype itself (the final norm's scale it uses as stored), so the numbers do not change."""
+    """A copy of `model` for decoding: its layer weights as L separate arrays (`Transformer.per_layer_view`: no
+    per-step slicing of stacked weights), every weight the forward casts already in the compute dtype, on the
+    sampling rules' shardings (replicated over fsdp). One compiled program makes it from the training weights, so
+    the sampler holds one compute-dtype copy (no second fp32 copy, no cast inside the decode loop) and no
+    intermediate copy is made. The caller's module is never modified; the numbers do not change."""
     dt = jnp.dtype(model.cfg.compute_dtype)
     graphdef, state = nnx.split(model)
-
-    def cast(x):
-        return x.astype(dt) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
-
-    model = nnx.merge(graphdef, jax.tree.map(cast, state))
-    view = reshard(model, mesh, SAMPLE_RULES)  # a new module: setting its act_sharding leaves `model` alone
+    view = nnx.merge(_view_graphdef(graphdef, state, dt), _per_layer_state(graphdef, state, dt, mesh))
     view.act_sharding = ActivationSharding(mesh, SAMPLE_RULES)
     return view
+
+
+def _view_graphdef(graphdef, state, dtype) -> nnx.GraphDef:
+    key = (graphdef, dtype)
+    if key not in _VIEW_GRAPHDEFS:
+        _VIEW_GRAPHDEFS[key] = nnx.graphdef(nnx.eval_shape(lambda: nnx.merge(graphdef, state).per_layer_view(dtype)))
+    return _VIEW_GRAPHDEFS[key]
+
+
+_VIEW_GRAPHDEFS: dict = {}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dtype", "mesh"))
+def _per_layer_state(graphdef, state, dtype, mesh: Mesh) -> nnx.State:
+    view_state = nnx.state(nnx.merge(graphdef, state).per_layer_view(dtype))
+    return jax.lax.with_sharding_constraint(view_state, state_shardings(view_state, mesh, SAMPLE_RULES))

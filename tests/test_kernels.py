@@ -10,8 +10,8 @@ from kernels.decode_attention import block_for, ragged_decode_attention, ragged_
 
 def _inputs(B, N, K, S, H, dtype, seed=0):
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for shape in ((B, N, H), (B, K, S, H), (B, K, S, H)))
-    return q, k, v
+    q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for shape in ((B, N, H), (B, K, H, S), (B, K, S, H)))
+    return q, k, v  # the cache's layout: keys (B, K, H, S), values (B, K, S, H)
 
 
 @pytest.mark.parametrize("N,K,S,dtype", [(6, 2, 48, jnp.float32), (14, 2, 40, jnp.float32),
@@ -32,8 +32,9 @@ def test_reference_ignores_slots_past_each_length_and_equals_dense_masked_attent
     q, k, v = _inputs(3, 4, 2, 32, 8, jnp.float32)
     lengths = jnp.asarray([5, 32, 17], jnp.int32)
     out = np.asarray(ragged_decode_reference(q, k, v, lengths))
-    noise = np.where(np.arange(32)[None, None, :, None] >= np.asarray(lengths)[:, None, None, None], 1e3, 0.0)
-    np.testing.assert_array_equal(np.asarray(ragged_decode_reference(q, k + noise, v - noise, lengths)), out)
+    past = np.arange(32)[None, None, :] >= np.asarray(lengths)[:, None, None]  # B x 1 x S
+    k_noise, v_noise = np.where(past[:, :, None, :], 1e3, 0.0), np.where(past[:, :, :, None], 1e3, 0.0)
+    np.testing.assert_array_equal(np.asarray(ragged_decode_reference(q, k + k_noise, v - v_noise, lengths)), out)
     mask_Bx1xS = (jnp.arange(32)[None, :] < lengths[:, None])[:, None, :]
     dense = cached_attention(q[:, None], k, v, mask_Bx1xS)[:, 0]
     np.testing.assert_allclose(out, np.asarray(dense), rtol=1e-6, atol=1e-6)

@@ -220,7 +220,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     np.testing.assert_allclose(np.asarray(cached)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)],
                                atol=1e-5, rtol=0)
     assert int(cache.index) == 9
-    assert KVCache.bytes_per_row(cfg, 12) == cache.k_LxBxKxSxH.nbytes * 2 // 2
+    assert KVCache.bytes_per_row(cfg, 12) == cache.nbytes // 2  # K and V of 2 rows
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         else:
             model = create_model(mcfg, mesh=mesh, rules=sharding.SAMPLE_RULES)
             source = "random init"
-        ours = time_r1jax(model, prompts, cfg, args.repeats)
+        ours = time_r1jax(sharding.for_sampling(model, mesh), prompts, cfg, args.repeats)
         peak, peak_how = peak_memory()
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -286,7 +286,7 @@ def _long_tail(args, mcfg: ModelConfig, mesh, prompts, cfg: sampler.SamplerConfi
     B = P * G
     slots = args.slots or max(1, B // 4)
     limits = long_tail_limits(B, N)
-    model = create_model(mcfg, mesh=mesh, rules=sharding.SAMPLE_RULES)
+    model = sharding.for_sampling(create_model(mcfg, mesh=mesh, rules=sharding.SAMPLE_RULES), mesh)
     r = time_long_tail(model, prompts, cfg, limits, slots, args.repeats)
     useful = r["useful_tokens"]
     print(f"r1jax sampler benchmark, long-tailed lengths, on {jax.device_count()} x {device.device_kind}")
