@@ -6,6 +6,7 @@ SamplerConfig or mesh compiles one prefill and one decode program).
 """
 import argparse
 import functools
+import unittest.mock
 
 import jax
 import jax.numpy as jnp
@@ -429,8 +430,8 @@ def test_cli_memory_and_byte_fallback(hf_folder, capsys):
 
 
 def test_first_argmax_and_the_draw_equal_jax_random_categorical():
-    """The sampler's argmax (two plain reductions) picks jnp.argmax's index, ties and -inf included, so a draw is
-    jax.random.categorical's for the same key."""
+    """The sampler's argmax (two plain reductions) picks jnp.argmax's index, ties and -inf included, so a draw over
+    a small vocabulary (one Gumbel-max level) is jax.random.categorical's for the same key."""
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 3, (64, 50)).astype(np.float32)  # many ties
     x[:, ::7] = -np.inf
@@ -441,6 +442,31 @@ def test_first_argmax_and_the_draw_equal_jax_random_categorical():
         cfg = sampler.SamplerConfig(temperature=0.8)
         token, _ = sampler.sample_tokens(logits, key, cfg)
         np.testing.assert_array_equal(np.asarray(token), np.asarray(jax.random.categorical(key, logits / 0.8)))
+
+
+def test_two_level_draw_samples_the_softmax():
+    """Over more than two blocks of tokens the draw picks a block by its mass, then a token in it: the softmax's
+    distribution (chi-square over 50k draws), never a -inf token, a block of -inf only or the padding past C."""
+    rng = np.random.default_rng(3)
+    C = 3 * sampler._DRAW_BLOCK + 40  # four blocks, the last one padded
+    logits = rng.normal(scale=1.5, size=C).astype(np.float32)
+    logits[: sampler._DRAW_BLOCK] -= 3.0  # blocks of quite different masses
+    logits[sampler._DRAW_BLOCK : 2 * sampler._DRAW_BLOCK] = -np.inf  # a block that can never be drawn
+    logits[rng.choice(C, 50, replace=False)] = -np.inf
+    draws = 50_000
+    tokens = np.asarray(jax.jit(jax.vmap(lambda k: sampler.categorical(k, jnp.asarray(logits)[None])[0]))(
+        jax.random.split(jax.random.key(0), draws)))
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    counts = np.bincount(tokens, minlength=C)
+    assert len(counts) == C and counts[probs == 0].sum() == 0
+    expected, observed = probs[probs > 0] * draws, counts[probs > 0].astype(np.float64)
+    small = expected < 5
+    expected = np.append(expected[~small], expected[small].sum())
+    observed = np.append(observed[~small], observed[small].sum())
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    p_value = float(jax.scipy.stats.chi2.sf(chi2, len(expected) - 1))
+    assert p_value > CHI_P_MIN, (chi2, len(expected) - 1, p_value)
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95])
@@ -460,3 +486,8 @@ def test_top_p_without_a_sort_keeps_the_sorted_definition(top_p):
     clear = np.abs(ahead - top_p).min(axis=1) > 1e-5  # rows with no token within rounding of the boundary
     assert clear.sum() > 50
     np.testing.assert_array_equal(np.isfinite(np.asarray(bisected))[clear], keep[clear])
+    # On CPU the rows are bisected a few at a time (a 49k vocabulary: one row per pass); the floors are the same.
+    probs32 = jax.nn.softmax(scaled, axis=-1)
+    whole = np.asarray(sampler._top_p_floor(probs32, top_p))
+    with unittest.mock.patch.object(sampler, "_CACHE_BYTES", 3 * 4 * 1000):  # 3 rows fit: 2 divide 64
+        np.testing.assert_array_equal(np.asarray(sampler.top_p_floor(probs32, top_p)), whole)
