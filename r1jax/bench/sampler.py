@@ -62,6 +62,14 @@ def peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process RSS high-water mark"
 
 
+def pin_cores(n: int) -> None:
+    """Run this process (both frameworks) on `n` of the cores it may use."""
+    cores = sorted(os.sched_getaffinity(0))
+    if n > len(cores):
+        raise SystemExit(f"--threads {n}: this process may use {len(cores)} cores")
+    os.sched_setaffinity(0, cores[:n])
+
+
 def time_r1jax(model, prompts, cfg: sampler.SamplerConfig, repeats: int) -> dict:
     key = jax.random.key(0)
     sampler.decode(*sampler.prefill(model, prompts, key, cfg), cfg).tokens_BxT.block_until_ready()  # compile
@@ -185,12 +193,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true", help="on CPU, skip the transformers comparison")
     parser.add_argument("--threads", type=int, default=1,
-                        help="on CPU, XLA and torch threads; 0 keeps their defaults, which made transformers erratic "
-                             "(up to 100x slower) on a busy 2-core machine")
+                        help="on CPU, the cores both frameworks run on (the process is pinned to them: XLA sizes its "
+                             "thread pool by the cores it may use, torch takes as many threads); 0 keeps every core")
     args = parser.parse_args(argv)
-    if args.threads:  # before JAX starts its CPU backend, which reads XLA_FLAGS once; ignored by GPU/TPU
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                                   f"{str(args.threads > 1).lower()} intra_op_parallelism_threads={args.threads}")
+    if args.threads:  # before JAX starts its CPU backend; XLA's threading flags did not bound its thunk runtime
+        pin_cores(args.threads)
 
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
