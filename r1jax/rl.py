@@ -13,14 +13,17 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from r1jax import grpo, rollout, sampler, sharding, train
 from r1jax.checkpoint import Checkpointer
 from r1jax.data import PromptStream
 from r1jax.evaluate import Evaluation
+from r1jax.groups import Groups, collect_step
 from r1jax.metrics import Progress
 from r1jax.rewards import RewardSet, routed_mean
 from r1jax.run import Context, NonFiniteError, Policy, Preempted
+from r1jax.timing import DeviceTimeline
 
 
 def _logp_gap(old_logp, sampler_logp, mask, is_weights, cap: float) -> dict:
@@ -89,6 +92,12 @@ class RLConfig:
     # in the update and in the reference / old-policy forwards (the same numbers, up to float rounding; the
     # work on prompt tokens drops by up to G times). Epochs then shuffle whole blocks of such rows.
     share_prompts: bool = True
+    # One-step-off (opt-in): the batch a step trains on was sampled before the previous step's update, by the
+    # policy before it (staleness 1, logged), and the next batch is sampled before this step's update is queued,
+    # so the update runs while the host decodes and scores. The ratio's old log-probs are that policy's (the
+    # sampler's, or recomputed from its sampling weights); checkpoints hold those weights, and a resume draws
+    # the batch in flight again from them.
+    one_step_off: bool = False
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "mu", "minibatches", "microbatches", "max_prompt_len",
@@ -153,113 +162,37 @@ class RLConfig:
             loss_type=self.loss_type, prompt_share=share)
 
 
-@dataclasses.dataclass
-class Groups:
-    """One step's rollouts on the host, P groups of G rows (prompt-major), ready for the update."""
-
-    records: list[dict]  # P
-    prompt_tokens_BxTp: np.ndarray
-    prompt_mask_BxTp: np.ndarray
-    tokens_BxT: np.ndarray
-    mask_BxT: np.ndarray
-    logp_BxT: np.ndarray
-    truncated_B: np.ndarray
-    texts: list[str]
-    task_rewards_B: np.ndarray  # the rewards' weighted total
-    rewards_B: np.ndarray  # plus reward shaping (overlong); what the advantages are computed from
-    scores: dict[str, np.ndarray]  # name -> per-row score (0 where the reward does not apply)
-    routed: dict[str, np.ndarray]  # name -> per-row bool
-    counts: dict[str, float]  # the rewards' error/timeout/... counts over every row sampled for the step
-    times: dict[str, float] = dataclasses.field(default_factory=dict)  # sample_s, reward_s over every round
-
-    def take(self, groups: np.ndarray, G: int) -> "Groups":
-        rows = (groups[:, None] * G + np.arange(G)).reshape(-1)
-        pick = lambda x: x[rows]  # noqa: E731
-        return Groups([self.records[p] for p in groups], *(pick(getattr(self, f)) for f in rollout.ROW_FIELDS[:6]),
-                      [self.texts[r] for r in rows], pick(self.task_rewards_B), pick(self.rewards_B),
-                      {k: pick(v) for k, v in self.scores.items()}, {k: pick(v) for k, v in self.routed.items()},
-                      self.counts)
-
-
-def _pad_to(x: np.ndarray, width: int, left: bool) -> np.ndarray:
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (width - x.shape[1], 0) if left else (0, width - x.shape[1])
-    return np.pad(x, pad)
-
-
-def _join(a: Groups, b: Groups) -> Groups:
-    """Groups of two generate calls in one batch (their prompt buckets may differ: left-pad the narrower)."""
-    def cat(name):
-        x, y = getattr(a, name), getattr(b, name)
-        if x.ndim == 2 and x.shape[1] != y.shape[1]:
-            left = name.startswith("prompt")
-            width = max(x.shape[1], y.shape[1])
-            x, y = _pad_to(x, width, left), _pad_to(y, width, left)
-        return np.concatenate([x, y])
-    return Groups(a.records + b.records, *(cat(f) for f in rollout.ROW_FIELDS), a.texts + b.texts,
-                  np.concatenate([a.task_rewards_B, b.task_rewards_B]), np.concatenate([a.rewards_B, b.rewards_B]),
-                  {k: np.concatenate([v, b.scores[k]]) for k, v in a.scores.items()},
-                  {k: np.concatenate([v, b.routed[k]]) for k, v in a.routed.items()},
-                  a.counts)  # collect_step sets the step's counts once its rounds are done
-
-
-def sample_groups(model, take, n: int, key, cfg: RLConfig, scfg: sampler.SamplerConfig, tok, render, rewards,
-                  step: int, poll) -> tuple[Groups, int]:
-    """Sample G completions for `n` prompts drawn by `take`, decode and score them (each process its share);
-    returns the groups and the number of prompts skipped as too long."""
-    records, prompts, too_long = rollout.take_prompts(take, n, render, tok, cfg.max_prompt_len)
-    done = rollout.complete(model, records, prompts, key, scfg, tok, rewards, step=step, poll=poll)
-    task_B = np.asarray(done.scored.total_B, np.float32)
-    shaped_B = task_B
-    if cfg.overlong_buffer:
-        penalty_B = grpo.overlong_penalty(done.lengths_B, cfg.max_new_tokens, cfg.overlong_buffer,
-                                          penalty_factor=cfg.overlong_penalty)
-        shaped_B = task_B + np.asarray(penalty_B, np.float32)
-    counts = {k: v for k, v in done.scored.metrics.items() if not k.endswith(("/mean", "/weight"))}
-    return Groups(records, *(getattr(done, f) for f in rollout.ROW_FIELDS), done.texts, task_B, shaped_B,
-                  done.scored.scores, done.scored.routed, counts,
-                  {"sample_s": done.sample_s, "reward_s": done.reward_s}), too_long
-
-
-def collect_step(model, take, key, cfg: RLConfig, scfg, tok, render, rewards, step: int, poll) -> tuple[Groups, dict]:
-    """One step's P groups: sample -> decode -> score, and with dynamic sampling keep only groups whose task
-    rewards differ, sampling more prompts until P are kept (at most max_sampling_rounds calls)."""
-    P, G = cfg.prompts_per_step, cfg.group_size
-    groups, too_long = sample_groups(model, take, P, jax.random.fold_in(key, 0), cfg, scfg, tok, render,
-                                     rewards, step, poll)
-    stats = {"prompts_too_long": too_long, "time_sample_s": groups.times.get("sample_s", 0.0),
-             "time_reward_s": groups.times.get("reward_s", 0.0)}
-    if not cfg.dynamic_sampling:
-        return groups, stats
-    kept, dropped, rounds, counts = None, None, 0, {}
-    while True:
-        rounds += 1
-        if rounds > 1:
-            stats["time_sample_s"] += groups.times.get("sample_s", 0.0)
-            stats["time_reward_s"] += groups.times.get("reward_s", 0.0)
-        for k, v in groups.counts.items():
-            counts[k] = counts.get(k, 0.0) + v
-        informative = np.asarray(grpo.informative_groups(groups.task_rewards_B.reshape(-1, G)))
-        good, bad = groups.take(np.flatnonzero(informative), G), groups.take(np.flatnonzero(~informative), G)
-        kept = good if kept is None else _join(kept, good)
-        dropped = bad if dropped is None else _join(dropped, bad)
-        if len(kept.records) >= P or rounds == cfg.max_sampling_rounds:
-            break
-        groups, skipped = sample_groups(model, take, P, jax.random.fold_in(key, rounds), cfg, scfg, tok,
-                                        render, rewards, step, poll)
-        stats["prompts_too_long"] += skipped
-    short = max(P - len(kept.records), 0)
-    if short:  # top up with zero-advantage groups so the batch keeps its shape (and its compiled program)
-        kept = _join(kept, dropped.take(np.arange(short), G))
-    stats.update(dynamic_sampling_rounds=rounds, dynamic_sampling_dropped_groups=len(dropped.records),
-                 dynamic_sampling_short_groups=short)
-    kept = kept.take(np.arange(P), G)
-    kept.counts = counts
-    return kept, stats
-
-
 # update(state, batch, key) -> (state, metrics): one step's optimizer updates from a batch of rollouts.
 Update = Callable[[train.TrainState, train.RLBatch, jax.Array], tuple[train.TrainState, dict]]
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A step's scored rollouts (None until drawn) and what a resume needs to draw them again."""
+
+    groups: Groups | None
+    stats: dict  # collect_step's: prompts skipped, dynamic sampling rounds, ...
+    version: int  # the step whose policy sampled them
+    data_state: dict  # the prompt stream before their prompts were drawn
+    behaviour: object = None  # one-step-off: the sampling view that draws them (checkpointed until they are trained)
+    old_logp: jax.Array | None = None  # one-step-off with recompute_old_logp: their log-probs under `behaviour`
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A step whose update was dispatched: its record is finished once the update's metrics are read, a step late."""
+
+    step: int
+    t0: float
+    record: dict
+    metrics: dict  # on the device
+    step_count: jax.Array  # optimizer updates before this step's: its learning rate
+    groups: Groups
+    gap: tuple | None  # (old_logp, sampler_logp, loss mask, is_weights) when old log-probs were recomputed
+
+
+def _checkpoint_tree(state, ref_params, behaviour) -> tuple:
+    return (state, ref_params) if behaviour is None else (state, ref_params, nnx.state(behaviour))
 
 
 def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_records: list[dict],
@@ -272,13 +205,18 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
     one that a stop or a crash cut short runs again on resume. SIGTERM is
     polled between steps, evaluation batches and decode segments; the loop saves and leaves.
 
+    The device is kept busy: the reference and old-policy forwards are queued as soon as the completions are
+    on the host and run while it decodes and scores them; a step's update metrics are read in the next step,
+    once its prompts are drawn and its sampling weights queued. With `cfg.one_step_off` the next step's batch
+    is sampled before this step's update is queued, and the update runs while the host scores that batch.
+
     `update` replaces the GRPO update and its reference / old-policy forwards with another learning rule on the
     same rollouts (on-policy distillation: r1jax.distill); the rewards are then measured, not optimised. Its
     metrics are logged as they come.
     """
-    if update is not None and (cfg.kl_coef or cfg.recompute_old_logp or cfg.mu != 1):
-        raise ValueError(f"{name}: with another update than GRPO's, kl_coef must be 0, recompute_old_logp false "
-                         "and mu 1 (the update owns its loss and its passes)")
+    if update is not None and (cfg.kl_coef or cfg.recompute_old_logp or cfg.mu != 1 or cfg.one_step_off):
+        raise ValueError(f"{name}: with another update than GRPO's, kl_coef must be 0, recompute_old_logp false, "
+                         "mu 1 and one_step_off false (the update owns its loss and its passes, on-policy)")
     cfg.check_mesh(ctx.mesh)
     tok, mesh = policy.tokenizer, ctx.mesh
     P, G = cfg.prompts_per_step, cfg.group_size
@@ -302,25 +240,20 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
 
     ckpt = Checkpointer(ctx.stage_dir(name) + "/checkpoints", keep=cfg.checkpoint_keep)
     start = 0
-    restored = ckpt.restore_latest((state, ref_params))
+    # One-step-off: a checkpoint also holds the sampling weights of the batch in flight, which a resume draws
+    # again from them (the same prompts, key and weights: the same batch).
+    behaviour = sharding.for_sampling(state.model(), mesh) if cfg.one_step_off else None
+    restored = ckpt.restore_latest(_checkpoint_tree(state, ref_params, behaviour))
     if restored is not None:
-        (state, ref_params), extras = restored
+        tree, extras = restored
+        state, ref_params = tree[0], tree[1]
+        if behaviour is not None:
+            behaviour = nnx.merge(nnx.graphdef(behaviour), tree[2])
         stream.set_state(extras["data"])
         start = extras["step"]
         print(f"[r1jax] {name}: resumed at step {start}")
     ctx.logger.purge(name, start)  # a killed attempt may have logged steps past the checkpoint
     saved = {"step": start if restored is not None else None}
-
-    def save(step: int, data_state: dict) -> None:
-        ckpt.save(step, (state, ref_params), {"step": step, "data": data_state}, force=True)
-        ckpt.raise_if_failed()
-        saved["step"] = step
-
-    def keep_progress(step: int, data_state: dict) -> None:
-        """Stopped inside an evaluation or a generation: the `step` steps done so far must not be lost."""
-        if step > 0 and saved["step"] != step:
-            save(step, data_state)
-        ckpt.wait()
 
     evaluating = evaluation is not None and evaluation.enabled
     if not evaluating and start == 0:
@@ -331,118 +264,234 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
             return evaluating and evaluate_start
         return evaluating and (step == cfg.steps or step % evaluation.cfg.every == 0)
 
+    hp = cfg.hyper(mesh)
+    ref_share = cfg.prompt_share(mesh)
+    put = lambda x: sharding.put_rows(x, mesh, sharding.TRAIN_RULES)  # noqa: E731
+    timeline = DeviceTimeline()
+    progress = Progress(total=cfg.steps, initial=start, desc=name)
+    nonfinite_run = 0  # steps in a row whose every update was skipped
+    pending: _Pending | None = None
+    # Where a stop resumes from: the steps done, and how to draw the batch the next one trains on.
+    resume = {"step": start, "batch": _Batch(None, {}, start - 1 if restored else start, stream.get_state(),
+                                             behaviour)}
+
+    def save(step: int, batch: _Batch) -> None:
+        ckpt.save(step, _checkpoint_tree(state, ref_params, batch.behaviour), {"step": step, "data": batch.data_state},
+                  force=True)
+        ckpt.raise_if_failed()
+        saved["step"] = step
+
+    def keep_progress() -> None:
+        """Stopped inside an evaluation or a generation: the steps done so far must not be lost."""
+        flush()
+        if resume["step"] > 0 and saved["step"] != resume["step"]:
+            save(resume["step"], resume["batch"])
+        ckpt.wait()
+
     def do_eval(step: int) -> None:
         try:
             evaluation(ctx, state.model(), tok, name, step)
         except Preempted:
-            keep_progress(step, stream.get_state())
+            keep_progress()
             raise
 
-    if eval_due(start) and start not in ctx.evaluated_steps(name):
-        do_eval(start)
-    hp = cfg.hyper(mesh)
-    ref_share = cfg.prompt_share(mesh)
-    progress = Progress(total=cfg.steps, initial=start, desc=name)
-    nonfinite_run = 0  # steps in a row whose every update was skipped
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        data_state = stream.get_state()
-        step_key = jax.random.fold_in(key, step)
-        try:
-            groups, sample_stats = collect_step(sharding.for_sampling(state.model(), mesh), stream.take, step_key,
-                                                cfg, scfg, tok, render, rewards, step, ctx.poll)
-        except Preempted:
-            keep_progress(step, data_state)
-            raise
-        adv_B = np.asarray(grpo.group_advantages(groups.rewards_B, G, scale=cfg.adv_scale))
-        t1 = time.perf_counter()
+    def draw(n: int):
+        return rollout.take_prompts(stream.take, n, render, tok, cfg.max_prompt_len)
 
-        mask = groups.mask_BxT
-        loss_mask = mask & ~groups.truncated_B[:, None] if cfg.mask_truncated else mask
-        put = lambda x: sharding.put_rows(x, mesh, sharding.TRAIN_RULES)  # noqa: E731
-        prompt_BxTp, prompt_mask_BxTp = put(groups.prompt_tokens_BxTp), put(groups.prompt_mask_BxTp)
-        completion_BxT, loss_mask_BxT = put(groups.tokens_BxT), put(loss_mask)
-        old_logp = sampler_logp = put(groups.logp_BxT)
-        is_weights = None
+    def logprobs(graphdef, params, rows):
+        return train.rollout_logprobs(graphdef, params, *rows, temperature=cfg.temperature,
+                                      chunk=cfg.logprob_chunk, share=ref_share)
+
+    def sampled_rows(done) -> tuple:
+        # With the sampler's own mask: a stop-string cut made later on the host only shortens it, and a causal
+        # model's log-probs of the tokens kept do not depend on the tokens cut.
+        return (put(done.prompt_tokens_BxTp), put(done.prompt_mask_BxTp), put(done.tokens_BxT),
+                put(done.mask_BxT.copy()))  # the host may cut its own copy while the device reads this one
+
+    def queue_forwards(done, old_logp=None) -> dict:
+        """The reference and (recomputed) old-policy log-probs of sampled rows, queued on the device."""
+        rows = sampled_rows(done)
+        out = {"rows": rows}
         if cfg.recompute_old_logp:
-            old_logp = train.rollout_logprobs(state.graphdef, state.params, prompt_BxTp, prompt_mask_BxTp,
-                                              completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
-                                              chunk=cfg.logprob_chunk, share=ref_share)
-            if cfg.tis_cap:
-                is_weights = grpo.tis_weights(old_logp, sampler_logp, cfg.tis_cap, mask_BxT=loss_mask_BxT)
-        ref_logp = None
+            out["old"] = old_logp if old_logp is not None else logprobs(state.graphdef, state.params, rows)
         if use_ref:
-            ref_logp = train.rollout_logprobs(state.graphdef, ref_params, prompt_BxTp, prompt_mask_BxTp,
-                                              completion_BxT, loss_mask_BxT, temperature=cfg.temperature,
-                                              chunk=cfg.logprob_chunk, share=ref_share)
-        jax.block_until_ready((old_logp, ref_logp))
-        t_ref = time.perf_counter()
-        batch = train.RLBatch(prompt_BxTp, prompt_mask_BxTp, completion_BxT, loss_mask_BxT, old_logp, ref_logp,
-                              put(adv_B), is_weights)
-        lr = float(schedule(int(sharding.host_array(state.step))))
-        state, update_metrics = (update or functools.partial(train.rl_update, hp=hp))(
-            state, batch, jax.random.fold_in(step_key, 1))
-        update_metrics = jax.tree.map(sharding.host_array, update_metrics)
-        t2 = time.perf_counter()
+            out["ref"] = logprobs(state.graphdef, ref_params, rows)
+        if "ref" in out or (cfg.recompute_old_logp and old_logp is None):
+            timeline.dispatched("reference", (out.get("ref"), out.get("old")))
+        return out
 
+    def collect(view, step: int, times: dict, on_sampled=None) -> tuple[Groups, dict]:
+        """The prompts for `step`'s batch, then the last step's record (its update ran meanwhile), then the batch;
+        `on_sampled(completions)` once its first tokens are on the host."""
+        drawn = draw(P)
+        flush(until=times["t0"])
+        rounds = []
+
+        def sampled(done) -> None:
+            end = time.perf_counter()
+            timeline.ran("sample", end - done.sample_s, end)
+            if on_sampled is not None and not rounds:
+                on_sampled(done)
+            rounds.append(done)
+
+        groups, stats = collect_step(view, drawn, draw, jax.random.fold_in(key, step), cfg, scfg, tok, rewards,
+                                     step, ctx.poll, sampled)
+        times["sample"] += stats.pop("time_sample_s")
+        times["reward"] += stats.pop("time_reward_s")
+        return groups, stats
+
+    def behaviour_batch(groups, stats, version, data_state, view) -> _Batch:
+        old = logprobs(*nnx.split(view), sampled_rows(groups)) if cfg.recompute_old_logp else None
+        if old is not None:
+            timeline.dispatched("reference", old)
+        return _Batch(groups, stats, version, data_state, view, old)
+
+    def dispatch_update(step: int, batch: _Batch, forwards: dict):
+        """Queue `batch`'s update; returns (metrics, step count before it, gap inputs), all on the device."""
+        nonlocal state, ref_params
+        groups = batch.groups
+        adv_B = np.asarray(grpo.group_advantages(groups.rewards_B, G, scale=cfg.adv_scale))
+        loss_mask = groups.mask_BxT & ~groups.truncated_B[:, None] if cfg.mask_truncated else groups.mask_BxT
+        prompt_BxTp, prompt_mask_BxTp, completion_BxT, _ = forwards.get("rows") or sampled_rows(groups)
+        loss_mask_BxT = put(loss_mask)
+        sampler_logp = put(groups.logp_BxT)
+        old_logp = forwards.get("old", sampler_logp)
+        is_weights = (grpo.tis_weights(old_logp, sampler_logp, cfg.tis_cap, mask_BxT=loss_mask_BxT)
+                      if cfg.tis_cap else None)
+        rl_batch = train.RLBatch(prompt_BxTp, prompt_mask_BxTp, completion_BxT, loss_mask_BxT, old_logp,
+                                 forwards.get("ref"), put(adv_B), is_weights)
+        step_count = jnp.copy(state.step)  # the update donates the state
+        state, metrics = (update or functools.partial(train.rl_update, hp=hp))(
+            state, rl_batch, jax.random.fold_in(jax.random.fold_in(key, step), 1))
+        timeline.dispatched("update", metrics)
         if use_ref and (step + 1) % cfg.ref_reset_every == 0:
             ref_params = jax.tree.map(jnp.copy, state.params)
-        lengths = mask.sum(axis=1)
-        rewards_B = groups.rewards_B
-        record = {
-            "step": step + 1, "stage": name,
-            "reward_mean": float(rewards_B.mean()), "reward_std": float(rewards_B.std()),
-            "accuracy": _routed_mean(groups, "accuracy"), "format_rate": _routed_mean(groups, "format"),
-            "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
-            "truncation_rate": float(groups.truncated_B.mean()),
-            "zero_spread_groups": float(grpo.zero_spread_fraction(rewards_B, G)),
-            **sample_stats,
-            "lr": lr,
-            **{k: float(v) for k, v in update_metrics.items()},
-            **{f"reward/{k}/mean": _routed_mean(groups, k) for k in groups.scores},
-            **{f"reward/{k}": v for k, v in groups.counts.items()},
-            **{f"reward/{r.name}/weight": r.weight_at(step) for r in rewards.rewards},
-            # The step's split: the device works in sample, reference and update; the rest (decoding and scoring
-            # the text, advantages, transfers) is host time in which it sits idle.
-            "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_step_s": t2 - t0,
-            "time_reference_s": t_ref - t1, "time_update_s": t2 - t_ref,
-            "time_idle_s": (t2 - t0) - sample_stats["time_sample_s"] - (t2 - t1),
-            "tokens_per_s": float(lengths.sum() / max(t2 - t0, 1e-9)),
-        }
-        if cfg.recompute_old_logp:
-            record.update(_logp_gap(old_logp, sampler_logp, loss_mask_BxT, is_weights, cfg.tis_cap))
-        if cfg.overlong_buffer:
-            record["overlong_penalty_mean"] = float((groups.rewards_B - groups.task_rewards_B).mean())
-        if not use_ref:
-            record["kl"] = 0.0  # no reference model (on-policy distillation logs its KL to the teacher apart)
+        gap = (old_logp, sampler_logp, loss_mask_BxT, is_weights) if cfg.recompute_old_logp else None
+        return metrics, step_count, gap
+
+    def flush(until: float | None = None) -> None:
+        """Finish and log the pending step's record: its update's metrics (read a step late, so the host never
+        waits for them while it has other work) and the device's time in the step, [its start, `until`]."""
+        nonlocal pending, nonfinite_run
+        if pending is None:
+            return
+        p, pending = pending, None
+        metrics = jax.tree.map(sharding.host_array, p.metrics)
+        busy = timeline.window(p.t0, time.perf_counter() if until is None else until)
+        seconds = sum(busy.values())
+        record = {**p.record, "lr": float(schedule(int(sharding.host_array(p.step_count)))),
+                  **{k: float(v) for k, v in metrics.items()},
+                  # The device's share of the step: sampling, the reference / old-policy forwards, the update;
+                  # idle is what is left (host-only work: decoding, scoring, logging, the next prompts).
+                  "time_step_s": seconds, "time_reference_s": busy.get("reference", 0.0),
+                  "time_update_s": busy.get("update", 0.0), "time_idle_s": busy["idle"],
+                  "tokens_per_s": float(p.groups.mask_BxT.sum() / max(seconds, 1e-9))}
+        if p.gap is not None:
+            record.update(_logp_gap(*p.gap, cfg.tis_cap))
         ctx.logger.log_step(record)
-        progress.update(step + 1, record)
-        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-            ctx.logger.log_samples(step + 1, name, [
-                {"prompt": groups.records[i // G]["prompt"], "completion": groups.texts[i],
-                 "reward": float(rewards_B[i])} for i in range(0, len(groups.texts), G)][:4])
-        skipped = int(update_metrics["nonfinite_updates"])
+        progress.update(p.step + 1, record)
+        if cfg.log_samples_every and (p.step + 1) % cfg.log_samples_every == 0:
+            ctx.logger.log_samples(p.step + 1, name, [
+                {"prompt": p.groups.records[i // G]["prompt"], "completion": p.groups.texts[i],
+                 "reward": float(p.groups.rewards_B[i])} for i in range(0, len(p.groups.texts), G)][:4])
+        skipped = int(metrics["nonfinite_updates"])
         nonfinite_run = nonfinite_run + 1 if skipped == cfg.mu * cfg.minibatches else 0
         if nonfinite_run >= cfg.max_nonfinite_steps:
             ckpt.wait()
             progress.close()
-            raise NonFiniteError(name, f"every update of the last {nonfinite_run} steps", step + 1,
+            raise NonFiniteError(name, f"every update of the last {nonfinite_run} steps", p.step + 1,
                                  saved["step"], ckpt.directory)
+
+    if eval_due(start) and start not in ctx.evaluated_steps(name):
+        do_eval(start)
+    ahead: _Batch | None = None  # one-step-off: the next step's batch, sampled and scored
+    for step in range(start, cfg.steps):
+        times = {"t0": time.perf_counter(), "sample": 0.0, "reward": 0.0}
+        try:
+            if not cfg.one_step_off:
+                resume["batch"] = _Batch(None, {}, step, stream.get_state())
+                view = sharding.for_sampling(state.model(), mesh)
+                forwards = {}
+                # With dynamic sampling the batch is known once every round is scored; another update owns its passes.
+                early = not cfg.dynamic_sampling and update is None
+                groups, stats = collect(view, step, times, (lambda done: forwards.update(queue_forwards(done)))
+                                        if early else None)
+                if not early and update is None:
+                    forwards = queue_forwards(groups)
+                batch = _Batch(groups, stats, step, resume["batch"].data_state)
+                launched = dispatch_update(step, batch, forwards)
+                resume.update(step=step + 1, batch=_Batch(None, {}, step + 1, stream.get_state()))
+            else:
+                if ahead is None:  # the first step, or a resume: the batch in flight is drawn (again) from its weights
+                    b = resume["batch"]
+                    groups, stats = collect(b.behaviour, step, times)
+                    ahead = behaviour_batch(groups, stats, b.version, b.data_state, b.behaviour)
+                batch, ahead = ahead, None
+                resume["batch"] = batch
+                forwards = queue_forwards(batch.groups, batch.old_logp)
+                if step + 1 == cfg.steps:
+                    flush(until=times["t0"])
+                    launched = dispatch_update(step, batch, forwards)
+                    resume.update(step=step + 1, batch=dataclasses.replace(batch, data_state=stream.get_state()))
+                else:
+                    view = batch.behaviour if batch.version == step else sharding.for_sampling(state.model(), mesh)
+                    data_state = stream.get_state()
+                    started = []
+
+                    def start_update(_, batch=batch, forwards=forwards, data_state=data_state, view=view):
+                        # The next batch's tokens are on the host: queue this step's update, then score them.
+                        started.append(dispatch_update(step, batch, forwards))
+                        resume.update(step=step + 1, batch=_Batch(None, {}, step, data_state, view))
+
+                    groups, stats = collect(view, step + 1, times, start_update)
+                    launched = started[0]
+                    ahead = behaviour_batch(groups, stats, step, data_state, view)
+                    resume["batch"] = ahead
+        except Preempted:
+            keep_progress()
+            raise
+        groups = batch.groups
+        lengths = groups.mask_BxT.sum(axis=1)
+        record = {
+            "step": step + 1, "stage": name,
+            "reward_mean": float(groups.rewards_B.mean()), "reward_std": float(groups.rewards_B.std()),
+            "accuracy": _routed_mean(groups, "accuracy"), "format_rate": _routed_mean(groups, "format"),
+            "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
+            "truncation_rate": float(groups.truncated_B.mean()),
+            "zero_spread_groups": float(grpo.zero_spread_fraction(groups.rewards_B, G)),
+            **batch.stats,
+            "staleness": step - batch.version,  # updates between the policy that sampled the batch and this one
+            **{f"reward/{k}/mean": _routed_mean(groups, k) for k in groups.scores},
+            **{f"reward/{k}": v for k, v in groups.counts.items()},
+            **{f"reward/{r.name}/weight": r.weight_at(step) for r in rewards.rewards},
+            "time_sample_s": times["sample"], "time_reward_s": times["reward"],
+        }
+        if cfg.overlong_buffer:
+            record["overlong_penalty_mean"] = float((groups.rewards_B - groups.task_rewards_B).mean())
+        if not use_ref:
+            record["kl"] = 0.0  # no reference model (on-policy distillation logs its KL to the teacher apart)
+        pending = _Pending(step, times["t0"], record, *launched[:2], groups, launched[2])
+        # Checkpoints, evaluations and stops wait for the update and log its record first; other steps leave
+        # the record to the next step.
+        checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+        if checkpoint or eval_due(step + 1):
+            flush()
         stopping = ctx.stop.stop_everywhere()
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stopping:
-            save(step + 1, stream.get_state())
+        if checkpoint or stopping:
+            flush()
+            save(step + 1, resume["batch"])
         if stopping:
             ckpt.wait()
             progress.close()
             raise Preempted(f"{name}: stopped by signal at step {step + 1}; re-run the command to resume")
         if eval_due(step + 1):
             do_eval(step + 1)
+    flush()
     progress.close()
     ckpt.wait()
     ckpt.close()
     model = state.model()
     return dataclasses.replace(policy, model=model)
-
 
 
 def _routed_mean(groups: Groups, name: str) -> float:

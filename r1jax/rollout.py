@@ -6,7 +6,7 @@ Shapes: P prompts, G completions per prompt, B = P*G rows (prompt-major), Tp pro
 import collections
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -130,37 +130,46 @@ class Completions:
     texts: list[str]
     scored: RewardOutput | None
     sample_s: float = 0.0  # wall time of the generate call, until its arrays were on the host
-    reward_s: float = 0.0  # decoding the text and scoring it (host work: the device sits idle)
+    reward_s: float = 0.0  # decoding the text and scoring it (host work)
 
     @property
     def lengths_B(self) -> np.ndarray:
         return self.mask_BxT.sum(axis=1)
 
 
-def complete(model, records: list[dict], prompts: list[list[int]], key: jax.Array, cfg: sampler.SamplerConfig,
-             tokenizer: Tokenizer, rewards: RewardSet | None = None, *, step: int | None = None,
-             poll: Callable[[], None] | None = None, local: bool = False) -> Completions:
-    """G = cfg.group_size completions of each prompt (`records[i]` rendered and encoded as `prompts[i]`),
-    decoded and scored by `rewards` at `step` (None: evaluation weights, no rewards: not scored).
-
-    By default every process ends with every row's text and score (each scored its share, then gathered:
-    `score`). With `local=True` each process decodes and scores only its own share of the rows (a stage that
-    writes its rows and never needs the others'); collective rewards cannot run that way across processes.
-    """
+def sample(model, records: list[dict], prompts: list[list[int]], key: jax.Array, cfg: sampler.SamplerConfig,
+           tokenizer: Tokenizer, *, poll: Callable[[], None] | None = None) -> Completions:
+    """G = cfg.group_size completions of each prompt (`records[i]` rendered and encoded as `prompts[i]`), on the
+    host and not yet decoded (`texts` empty, `scored` None): the device's part of `complete`. A caller may queue
+    more device work on these rows before `decode_and_score` runs the host's part."""
     t0 = time.perf_counter()
     if cfg.stop_strings and not cfg.stop_sequences:
         cfg = cfg.replace(stop_sequences=stop_sequences(tokenizer, cfg.stop_strings))
     out = sampler.generate(model, prompts, key, cfg, poll=poll)
     host = {f: np.array(host_array(getattr(out, f.replace("Tp", "T")))) for f in ROW_FIELDS}  # writable
-    t1 = time.perf_counter()
     B = len(host["tokens_BxT"])
     examples = [r for r in records for _ in range(B // len(records))]
+    return Completions(examples, *(host[f] for f in ROW_FIELDS), range(0), [], None,
+                       sample_s=time.perf_counter() - t0)
+
+
+def decode_and_score(done: Completions, tokenizer: Tokenizer, rewards: RewardSet | None = None,
+                     stop_strings: Sequence[str] = (), *, step: int | None = None, local: bool = False) -> Completions:
+    """The host's part of `complete`: decode `done`'s rows, cut them at `stop_strings` (in place: a row that spelled
+    one with other tokens than the sampler watched for ends after it), and score them with `rewards` at `step`
+    (None: evaluation weights; no rewards: not scored). Returns `done` with `rows`, `texts`, `scored`, `reward_s`.
+
+    A cut only shortens a row's mask: every token left in it has the same prefix, so log-probs a model computed on
+    the uncut row before this ran are those of the cut one."""
+    t0 = time.perf_counter()
+    B = len(done.tokens_BxT)
     rows = range(*process_slice(B).indices(B)) if local else range(B)
-    tokens, mask = host["tokens_BxT"], host["mask_BxT"]
+    tokens, mask = done.tokens_BxT, done.mask_BxT
     texts = tokenizer.decode_batch([tokens[i][mask[i]] for i in rows])
-    if cfg.stop_strings:
-        texts = trim_at_stop_strings(tokenizer, tokens, mask, host["logp_BxT"], host["truncated_B"], texts, rows,
-                                     cfg.stop_strings)
+    if stop_strings:
+        texts = trim_at_stop_strings(tokenizer, tokens, mask, done.logp_BxT, done.truncated_B, texts, rows,
+                                     stop_strings)
+    examples = done.examples
     scored = None
     if rewards is not None and not local:
         scored = score(rewards, texts, examples, step=step)
@@ -169,5 +178,19 @@ def complete(model, records: list[dict], prompts: list[list[int]], key: jax.Arra
             raise ValueError("collective rewards (reward models) score the full batch on every process; "
                              "they cannot score one process's rows (local=True)")
         scored = rewards(texts, [examples[i] for i in rows], step=step)
-    return Completions(examples, *(host[f] for f in ROW_FIELDS), rows, texts, scored, sample_s=t1 - t0,
-                       reward_s=time.perf_counter() - t1)
+    return dataclasses.replace(done, rows=rows, texts=texts, scored=scored, reward_s=time.perf_counter() - t0)
+
+
+def complete(model, records: list[dict], prompts: list[list[int]], key: jax.Array, cfg: sampler.SamplerConfig,
+             tokenizer: Tokenizer, rewards: RewardSet | None = None, *, step: int | None = None,
+             poll: Callable[[], None] | None = None, local: bool = False) -> Completions:
+    """G = cfg.group_size completions of each prompt (`records[i]` rendered and encoded as `prompts[i]`),
+    decoded and scored by `rewards` at `step` (None: evaluation, no rewards: not scored): `sample`, then
+    `decode_and_score`.
+
+    By default every process ends with every row's text and score (each scored its share, then gathered:
+    `score`). With `local=True` each process decodes and scores only its own share of the rows (a stage that
+    writes its rows and never needs the others'); collective rewards cannot run that way across processes.
+    """
+    done = sample(model, records, prompts, key, cfg, tokenizer, poll=poll)
+    return decode_and_score(done, tokenizer, rewards, cfg.stop_strings, step=step, local=local)

@@ -11,7 +11,7 @@ from r1jax.metrics import read_metrics
 from r1jax.rewards.language import LANGUAGES
 from recipes import r1
 
-TIMING = ("time_rollout_s", "time_train_s", "time_step_s", "time_sample_s", "time_reward_s", "time_reference_s",
+TIMING = ("time_step_s", "time_sample_s", "time_reward_s", "time_reference_s",
           "time_update_s", "time_idle_s", "tokens_per_s")
 RL = ["steps=2", "prompts_per_step=4", "group_size=4", "minibatches=2", "max_new_tokens=40", "checkpoint_every=1"]
 TINY = [

@@ -18,7 +18,7 @@ TINY = [
     "rl.checkpoint_every=2", "eval.every=2", "eval.num_prompts=8", "eval.samples=2",
     "eval.max_new_tokens=24", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
 ]
-TIMING = ("time_rollout_s", "time_train_s", "time_step_s", "time_sample_s", "time_reward_s", "time_reference_s",
+TIMING = ("time_step_s", "time_sample_s", "time_reward_s", "time_reference_s",
           "time_update_s", "time_idle_s", "tokens_per_s")
 
 

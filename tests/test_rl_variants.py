@@ -8,20 +8,21 @@ import numpy as np
 import optax
 import pytest
 
-from r1jax import grpo, rl, train
+from r1jax import groups as groups_mod
+from r1jax import grpo, rl, rollout, train
 from r1jax.rewards import Reward, RewardSet
 from test_faults import _tiny_state
 
 G = 2
 
 
-def _groups(tag: str, task_rewards_PxG) -> rl.Groups:
+def _groups(tag: str, task_rewards_PxG) -> groups_mod.Groups:
     """Hand-made groups whose rows are recognisable: row r of group p holds the token 10 * p + r."""
     task_PxG = np.asarray(task_rewards_PxG, np.float32)
     P = len(task_PxG)
     rows = np.arange(P * G)
     tokens = np.repeat(10 * (rows // G) + rows % G, 3).reshape(P * G, 3).astype(np.int32)
-    return rl.Groups(
+    return groups_mod.Groups(
         records=[{"prompt": f"{tag}{p}"} for p in range(P)],
         prompt_tokens_BxTp=np.ones((P * G, 2), np.int32), prompt_mask_BxTp=np.ones((P * G, 2), bool),
         tokens_BxT=tokens, mask_BxT=np.ones((P * G, 3), bool), logp_BxT=np.zeros((P * G, 3), np.float32),
@@ -30,16 +31,23 @@ def _groups(tag: str, task_rewards_PxG) -> rl.Groups:
         routed={"accuracy": np.ones(P * G, bool)}, counts={"accuracy/errors": 1.0})
 
 
-def _collect(monkeypatch, rounds: list[rl.Groups], **cfg):
-    calls = []
+def _collect(monkeypatch, rounds: list[groups_mod.Groups], **cfg):
+    calls, sampled = [2], []  # prompts drawn per round: the first round's two are drawn by the caller
 
-    def fake_sample_groups(model, take, n, key, cfg_, scfg, tok, render, rewards, step, poll):
+    def fake_sample_groups(model, drawn, key, cfg_, scfg, tok, rewards, step, poll, on_sampled=None):
+        sampled.append(on_sampled)
+        return rounds[len(sampled) - 1]
+
+    def draw(n):
         calls.append(n)
-        return rounds[len(calls) - 1], 1  # one prompt skipped as too long per call
+        return [], [], 1  # one prompt skipped as too long per draw
 
-    monkeypatch.setattr(rl, "sample_groups", fake_sample_groups)
+    monkeypatch.setattr(groups_mod, "sample_groups", fake_sample_groups)
     config = rl.RLConfig(prompts_per_step=2, group_size=G, dynamic_sampling=True, **cfg)
-    groups, stats = rl.collect_step(None, None, jax.random.key(0), config, None, None, None, None, 0, None)
+    hook = object()
+    groups, stats = groups_mod.collect_step(None, ([], [], 1), draw, jax.random.key(0), config, None, None, None, 0,
+                                            None, hook)
+    assert sampled == [hook] * len(sampled)  # every round reports its tokens
     return groups, stats, calls
 
 
@@ -71,9 +79,10 @@ def test_dynamic_sampling_tops_up_with_dropped_groups_after_the_last_round(monke
 
 def test_without_dynamic_sampling_one_round_is_the_batch(monkeypatch):
     calls = []
-    monkeypatch.setattr(rl, "sample_groups", lambda *a: (calls.append(1), (_groups("a", [[1, 1], [0, 1]]), 0))[1])
+    monkeypatch.setattr(groups_mod, "sample_groups", lambda *a: (calls.append(1), _groups("a", [[1, 1], [0, 1]]))[1])
     config = rl.RLConfig(prompts_per_step=2, group_size=G)
-    groups, stats = rl.collect_step(None, None, jax.random.key(0), config, None, None, None, None, 0, None)
+    groups, stats = groups_mod.collect_step(None, ([], [], 0), None, jax.random.key(0), config, None, None, None, 0,
+                                            None)
     assert calls == [1] and [r["prompt"] for r in groups.records] == ["a0", "a1"]
     assert stats == {"prompts_too_long": 0, "time_sample_s": 0.0, "time_reward_s": 0.0}
 
@@ -102,9 +111,10 @@ def test_overlong_shaping_penalises_the_last_tokens_before_the_limit(monkeypatch
     stream = iter(records)
     cfg = rl.RLConfig(prompts_per_step=3, group_size=2, max_new_tokens=T, overlong_buffer=4, overlong_penalty=0.5)
     rewards = RewardSet([Reward("one", lambda c, e: np.ones(len(c)))])
-    groups, too_long = rl.sample_groups(None, lambda k: [next(stream) for _ in range(k)], 3, jax.random.key(0), cfg,
-                                        rl.sampler.SamplerConfig(), _Tok(), str, rewards, 0, None)
-    assert too_long == 0 and [r["prompt"] for r in groups.records] == ["q0", "q1", "q2"]
+    drawn = rollout.take_prompts(lambda k: [next(stream) for _ in range(k)], 3, str, _Tok(), cfg.max_prompt_len)
+    groups = groups_mod.sample_groups(None, drawn, jax.random.key(0), cfg, rl.sampler.SamplerConfig(), _Tok(),
+                                      rewards, 0, None)
+    assert drawn[2] == 0 and [r["prompt"] for r in groups.records] == ["q0", "q1", "q2"]
     np.testing.assert_array_equal(groups.task_rewards_B, np.ones(6))
     np.testing.assert_allclose(groups.rewards_B, 1 - 0.5 * np.array([0, 0, 0.25, 0.75, 1, 1]), atol=1e-7)
     assert groups.texts[0] == "7 7"
