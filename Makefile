@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 RECIPE ?= r1_zero
 ARGS ?=
 
-.PHONY: venv train eval test test-slow bench bench-sampler bench-grpo clean
+.PHONY: venv train eval test test-slow bench bench-sampler bench-grpo bench-train clean
 
 venv: $(STAMP)
 
@@ -48,21 +48,34 @@ test-slow: $(TEST_STAMP)
 BENCH_OUT ?= runs/bench
 
 # `make bench` runs them all and merges their figures into $(BENCH_OUT)/bench.json, by device kind.
-bench: bench-grpo bench-sampler
+bench: bench-grpo bench-sampler bench-train
 	$(BIN)/python -m r1jax.bench.summary $(BENCH_OUT)
 
+# One GRPO step against TRL's GRPOTrainer at both shapes (on CPU; TRL's side is skipped elsewhere).
 bench-grpo: $(BENCH_STAMP)
 	@mkdir -p $(BENCH_OUT)
 	$(BIN)/python -m r1jax.bench.grpo_step --json $(BENCH_OUT)/grpo_step.json $(ARGS)
+	$(BIN)/python -m r1jax.bench.grpo_step --shape smollm2-135m --microbatches 4 --steps 2 \
+		--json $(BENCH_OUT)/grpo_step_smollm2-135m.json $(ARGS)
 
-# The sampler at the smollm2-135m shape with top-p 0.95 (against transformers on CPU), then long-tailed lengths
-# (lockstep vs continuous batching) at the toy shape.
+# The sampler at the smollm2-135m shape with top-p 0.95 (against transformers on CPU, one core each), the toy and
+# qwen2.5-0.5b shapes, then long-tailed lengths (lockstep vs continuous batching) at the toy shape.
 bench-sampler: $(BENCH_STAMP)
 	@mkdir -p $(BENCH_OUT)
 	$(BIN)/python -m r1jax.bench.sampler --preset smollm2-135m --prompts 8 -G 4 --prompt-len 64 --new-tokens 64 \
 		--top-p 0.95 --repeats 2 --json $(BENCH_OUT)/sampler.json $(ARGS)
+	$(BIN)/python -m r1jax.bench.sampler --preset toy --prompts 8 -G 8 --prompt-len 64 --new-tokens 128 \
+		--top-p 0.95 --no-transformers --json $(BENCH_OUT)/sampler_toy.json $(ARGS)
+	$(BIN)/python -m r1jax.bench.sampler --preset qwen2.5-0.5b --prompts 4 -G 4 --prompt-len 64 --new-tokens 32 \
+		--top-p 0.95 --repeats 1 --no-transformers --json $(BENCH_OUT)/sampler_qwen2.5-0.5b.json $(ARGS)
 	$(BIN)/python -m r1jax.bench.sampler --mix long-tail --preset toy --prompts 8 -G 8 --prompt-len 64 \
 		--new-tokens 256 --slots 16 --json $(BENCH_OUT)/sampler_long_tail.json $(ARGS)
+
+# Training-step MFU: the smollm2-135m shape with a 4k vocabulary on CPU (peak measured), fp32.
+bench-train: $(BENCH_STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python -m r1jax.bench.train_step --preset smollm2-135m --vocab 4096 --batch 8 --seq 256 \
+		--json $(BENCH_OUT)/mfu.json $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

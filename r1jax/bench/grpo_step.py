@@ -36,7 +36,12 @@ PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS, BETA, LR = 8, 8, 128, 64, 0.001, 1e-6
 
 def length_reward(completions, examples=None, **_):
     """A cheap rule reward both frameworks call: the share of completion words ending in an even digit."""
+    if REWARD_SECONDS:  # a slow verifier (a sandbox, a remote judge): the host waits this long per call
+        time.sleep(REWARD_SECONDS)
     return [float(np.mean([w[-1] in "02468" for w in c.split()])) if c.split() else 0.0 for c in completions]
+
+
+REWARD_SECONDS = 0.0
 
 
 def make_folder(folder: str, shape: str) -> None:
@@ -64,7 +69,8 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[str]:
     return [" ".join(f"w{i}" for i in rng.integers(2, vocab, PROMPT_LEN)) for _ in range(n)]
 
 
-def run_r1jax(folder: str, steps: int, microbatches: int, run_dir: str, scan_layers: bool) -> list[dict]:
+def run_r1jax(folder: str, steps: int, microbatches: int, run_dir: str, scan_layers: bool,
+              one_step_off: bool = False) -> list[dict]:
     import jax
 
     from r1jax import run, sharding
@@ -80,14 +86,16 @@ def run_r1jax(folder: str, steps: int, microbatches: int, run_dir: str, scan_lay
     ctx = run.make_context(run_dir, sharding.MeshConfig(data=jax.device_count()), 0, {"scan_layers": scan_layers},
                            Never())
     policy = run.load_policy(folder, ctx)
-    cfg = RLConfig(steps=steps + 1, prompts_per_step=PROMPTS, group_size=GROUP, microbatches=microbatches,
+    cfg = RLConfig(steps=steps + 1 + one_step_off, prompts_per_step=PROMPTS, group_size=GROUP, microbatches=microbatches,
                    optim=OptimConfig(lr=LR), kl_coef=BETA, max_prompt_len=PROMPT_LEN, max_new_tokens=NEW_TOKENS,
-                   checkpoint_every=10_000, log_samples_every=0)
+                   checkpoint_every=10_000, log_samples_every=0, one_step_off=one_step_off)
     records = [{"prompt": p, "answer": ""} for p in prompts(8 * PROMPTS, policy.cfg.vocab_size)]
     grpo_stage(ctx, policy, name="grpo", cfg=cfg, train_records=records,
                rewards=RewardSet([Reward("even", length_reward)]), render=str)
     ctx.logger.close()
     steps_logged = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
+    # Not the warm-up step (compilation), nor one-step-off's last, which has no next batch to sample.
+    steps_logged = steps_logged[1:-1] if one_step_off else steps_logged[1:]
     return [{"step": r["time_step_s"], "sample": r["time_sample_s"], "reward": r["time_reward_s"],
              "reference": r["time_reference_s"], "update": r["time_update_s"], "idle": r["time_idle_s"],
              "tokens": r["completion_len_mean"] * PROMPTS * GROUP} for r in steps_logged]
@@ -185,17 +193,22 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads for TRL (0: torch's default)")
     parser.add_argument("--scan-layers", action="store_true",
                         help="r1jax's layers as one scan (default: unrolled, as the CPU recipes run them)")
+    parser.add_argument("--reward-seconds", type=float, default=0.0,
+                        help="the reward sleeps this long per call in both frameworks (a slow verifier)")
+    parser.add_argument("--one-step-off", action="store_true", help="r1jax samples the next batch before the update")
     parser.add_argument("--json", default="", help="write the figures here as well")
     parser.add_argument("--worker", choices=("r1jax", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global REWARD_SECONDS
+    REWARD_SECONDS = args.reward_seconds
 
     if args.worker:  # one framework in a process of its own: neither's thread pools linger into the other's timing
         with tempfile.TemporaryDirectory() as tmp:
             if args.worker == "trl":
                 rows = run_trl(args.folder, args.steps, args.microbatches, tmp, args.threads)
             else:
-                rows = run_r1jax(args.folder, args.steps, args.microbatches, tmp, args.scan_layers)
+                rows = run_r1jax(args.folder, args.steps, args.microbatches, tmp, args.scan_layers, args.one_step_off)
         with open(args.json, "w") as f:
             json.dump(median(rows), f)
         return 0
@@ -208,7 +221,8 @@ def main(argv=None) -> int:
             out = os.path.join(tmp, f"{name}.json")
             cmd = [sys.executable, "-m", "r1jax.bench.grpo_step", "--worker", name, "--folder", folder, "--json", out,
                    "--shape", args.shape, "--microbatches", str(args.microbatches), "--steps", str(args.steps),
-                   "--threads", str(args.threads)] + (["--scan-layers"] if args.scan_layers else [])
+                   "--threads", str(args.threads), "--reward-seconds", str(args.reward_seconds)]
+            cmd += ["--scan-layers"] * args.scan_layers + ["--one-step-off"] * args.one_step_off
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(out) as f:
                 return json.load(f)
@@ -219,11 +233,14 @@ def main(argv=None) -> int:
 
     print(f"GRPO step on {jax.devices()[0].device_kind}: shape {args.shape}, {PROMPTS} prompts x {GROUP} samples, "
           f"{PROMPT_LEN}-token prompts, up to {NEW_TOKENS} new tokens, {args.microbatches} microbatch(es), fp32, "
-          f"median of {args.steps} steps after a warm-up, each framework in its own process")
+          f"median of {args.steps} steps after a warm-up, each framework in its own process"
+          + (f", a {args.reward_seconds} s reward" if args.reward_seconds else "")
+          + (", r1jax one-step-off" if args.one_step_off else ""))
     print(table(ours, theirs))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "microbatches": args.microbatches, "platform": jax.devices()[0].platform,
+                       "reward_seconds": args.reward_seconds, "one_step_off": args.one_step_off,
                        "r1jax": ours, "trl": theirs}, f, indent=2)
     return 0
 

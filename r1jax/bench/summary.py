@@ -9,7 +9,8 @@ Figures (ratios > 1 favour r1jax except the step-time ratio, where < 1 does):
   sampler_ratio_vs_transformers   r1jax generated tokens/s / transformers.generate's (sampler.json)
   decode_roofline_fraction        r1jax decode tokens/s / the memory-bandwidth roofline's (sampler.json)
   continuous_batching_speedup     lockstep time / continuous batching's, long-tailed lengths (sampler_long_tail.json)
-  train_mfu                       training-step model FLOPs utilisation, on accelerators (mfu.json)
+  train_mfu                       training-step model FLOPs utilisation (mfu.json; on CPU over a measured peak)
+  sampler_shapes                  tokens/s, time to first token and roofline fraction per preset (sampler*.json)
 """
 import glob
 import json
@@ -33,9 +34,11 @@ def collect(out_dir: str) -> tuple[str, dict]:
     figures, platform = {}, None
     for path in sorted(glob.glob(os.path.join(out_dir, "grpo_step*.json"))):
         g = _load(path)
+        if g:
+            figures.setdefault("grpo_step", {})[g["shape"]] = {"r1jax": g["r1jax"], "trl": g.get("trl")}
+            platform = platform or g.get("platform", "cpu")
         if g and g.get("trl"):
             figures.setdefault("grpo_step_ratio_vs_trl", {})[g["shape"]] = g["r1jax"]["step"] / g["trl"]["step"]
-            platform = platform or g.get("platform", "cpu")
     s = _load(os.path.join(out_dir, "sampler.json"))
     if s:
         platform = s["platform"]
@@ -44,6 +47,12 @@ def collect(out_dir: str) -> tuple[str, dict]:
             figures["sampler_ratio_vs_transformers"] = s["speedup_vs_transformers"]
         figures["sampler"] = {k: s[k] for k in ("model", "dtype", "prompts", "group_size", "prompt_len",
                                                  "new_tokens", "top_p", "generated_tokens_per_s", "device")}
+    for path in sorted(glob.glob(os.path.join(out_dir, "sampler*.json"))):
+        shape = _load(path)
+        if shape and shape.get("mix") == "fixed":
+            figures.setdefault("sampler_shapes", {})[shape["model"]] = {
+                k: shape[k] for k in ("generated_tokens_per_s", "decode_tokens_per_s", "ttft_s", "roofline_fraction",
+                                      "prompts", "group_size", "prompt_len", "new_tokens", "top_p", "dtype")}
     lt = _load(os.path.join(out_dir, "sampler_long_tail.json"))
     if lt:
         platform = lt["platform"]
@@ -54,6 +63,8 @@ def collect(out_dir: str) -> tuple[str, dict]:
     if m:
         platform = m["platform"]
         figures["train_mfu"] = m["mfu"]
+        figures["train_step"] = {k: m[k] for k in ("model", "vocab", "batch", "seq", "dtype", "remat", "step_s",
+                                                   "tokens_per_s", "peak_flops", "peak_source")}
     return device_kind(platform or "cpu"), figures
 
 
