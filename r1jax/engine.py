@@ -147,12 +147,16 @@ def _empty(graphdef, state, B: int, S: int, N: int, cfg: SamplerConfig) -> Slots
 
 def _read_window(longest: int, steps: int, S: int) -> int:
     """The decode program's attention window: a power of two (at least _MIN_READ) covering the longest live
-    row `steps` tokens ahead, capped at the cache length. Few distinct windows: few compiled programs."""
+    row `steps` tokens ahead, or the whole cache. Few distinct windows: few compiled programs.
+
+    A window is a slice of the cache, which XLA copies before the attention reads it, and the copy is slow (a
+    strided gather per row and head): on XLA's CPU backend a window of a fifth of the cache cost more than
+    reading all of it (the toy long-tail benchmark), so a window is taken only below an eighth of the cache."""
     need = longest + steps
     window = _MIN_READ
     while window < need:
         window *= 2
-    return min(window, S)
+    return window if 8 * window <= S else S
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], key, cfg: SamplerConfig, *,
