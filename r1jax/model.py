@@ -17,6 +17,7 @@ from flax import nnx, struct
 
 from kernels.attention import attention, cached_attention
 from kernels.decode_attention import DecodeImpl, ragged_decode_attention
+from kernels.mlp import gated_mlp, no_constraint
 from r1jax import sharding
 from r1jax.sharding import ActivationSharding
 
@@ -542,10 +543,8 @@ class Transformer(nnx.Module):
         """The rest of a layer after attention: output projection, residual, MLP, residual."""
         x_BxTxD = x_BxTxD + jnp.einsum("BTNH,NHD->BTD", out_BxTxNxH, p["wo"])
         h = rms_norm(x_BxTxD, p["mlp_norm"], self.cfg.norm_eps)
-        gate = jnp.einsum("BTD,DF->BTF", h, p["w_gate"])
-        up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
-        act = self._constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
-        x_BxTxD = x_BxTxD + jnp.einsum("BTF,FD->BTD", act, p["w_down"])
+        constrain = no_constraint if self.act_sharding is None else self.act_sharding.constrain
+        x_BxTxD = x_BxTxD + gated_mlp(h, p["w_gate"], p["w_up"], p["w_down"], constrain)
         return self._constrain(x_BxTxD, ("batch", None, None))
 
     def _layers(self, block, carry, *, unrolled: bool = False):
