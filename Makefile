@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 RECIPE ?= r1_zero
 ARGS ?=
 
-.PHONY: venv train eval test test-slow bench bench-sampler bench-grpo bench-train clean
+.PHONY: venv train eval test test-slow bench bench-sampler bench-grpo bench-train bench-gpu clean
 
 venv: $(STAMP)
 
@@ -76,6 +76,25 @@ bench-train: $(BENCH_STAMP)
 	@mkdir -p $(BENCH_OUT)
 	$(BIN)/python -m r1jax.bench.train_step --preset smollm2-135m --vocab 4096 --batch 8 --seq 256 \
 		--json $(BENCH_OUT)/mfu.json $(ARGS)
+
+# The accelerator checks (bf16): decode at 32 prompts x 16 samples, 1k-token prompts, 4k new tokens, against the
+# HBM roofline; training-step MFU at 4k tokens; a few R1-Zero steps logging the sampler/trainer log-prob gap and
+# each step's split. Written for a lent GPU; not yet run on one. qwen2.5-1.5b's 32 x 16 rows hold 75 GB of KV cache
+# at 5k slots (an H200); on an H100 it decodes 16 x 16.
+GPU_1_5B_PROMPTS ?= 16
+bench-gpu: $(STAMP)
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python -m r1jax.bench.sampler --preset qwen2.5-0.5b --prompts 32 -G 16 --prompt-len 1024 \
+		--new-tokens 4096 --top-p 0.95 --repeats 1 --json $(BENCH_OUT)/sampler_gpu_qwen2.5-0.5b.json
+	$(BIN)/python -m r1jax.bench.sampler --preset qwen2.5-1.5b --prompts $(GPU_1_5B_PROMPTS) -G 16 --prompt-len 1024 \
+		--new-tokens 4096 --top-p 0.95 --repeats 1 --json $(BENCH_OUT)/sampler_gpu_qwen2.5-1.5b.json
+	$(BIN)/python -m r1jax.bench.train_step --preset qwen2.5-0.5b --batch 8 --seq 4096 --remat full \
+		--json $(BENCH_OUT)/mfu.json
+	$(BIN)/python -m r1jax.bench.train_step --preset qwen2.5-1.5b --batch 4 --seq 4096 --remat full \
+		--json $(BENCH_OUT)/mfu_qwen2.5-1.5b.json
+	$(BIN)/python -m r1jax train --recipe r1_zero rl.steps=5 rl.recompute_old_logp=true eval.every=0 \
+		run_dir=$(BENCH_OUT)/r1_zero_gpu
+	$(BIN)/python -m r1jax.bench.summary $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
