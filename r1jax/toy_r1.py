@@ -5,11 +5,9 @@ Reasoning problems are toy.py's ("Compute 8+7+3", gold "18", task "arith"), aske
 answers that are often wrong, badly formatted replies), but its step-by-step work is written
 in English ("8 plus 7 makes 15."), in Chinese ("8加7得15。") or drifts from one to the other
 at a random step, as a base model pretrained on web text in many languages does. Digits stay
-digits, and the base's English steps are a little less reliable than its Chinese ones
-(`en_slip`), so rewards for accuracy and format alone pay RL to drift from English into
-Chinese (R1-Zero's language mixing, as a pressure); R1's language-consistency reward and its
-English cold-start data are what keep the CoT readable, at some cost in accuracy, as the paper
-reports.
+digits and every language's working is equally right, so rewards for accuracy and format alone
+give RL no reason to prefer one language (R1-Zero keeps mixing); R1's language-consistency
+reward and its English cold-start data are what make the CoT readable.
 
 General prompts (task "general": "Greet Anna", "Thank Bob for the gift", ...) have replies of
 graded quality, all in the template: good (warm, uses the name), plain (curt), rude. The base
@@ -34,10 +32,6 @@ class R1ToyTask:
     # Language of step-by-step work: English, Chinese, mixed. Mixed CoTs are about half English,
     # so a policy writing like the base has a language consistency of about 0.35 + 0.4/2 = 0.55.
     languages: tuple[float, float, float] = (0.35, 0.25, 0.4)
-    # In the base corpus an English step's sum is one too high with this probability (carried into the answer);
-    # Chinese steps are always right. With both languages equally right the R1-Zero ablation's drift was chance:
-    # its language consistency landed anywhere from 0.54 to 0.96 from one run to the next.
-    en_slip: float = 0.1
     general_share: float = 0.2  # of the base corpus's lines
     general_mix: tuple[float, float, float] = (0.3, 0.5, 0.2)  # good, plain, rude replies in the base
 
@@ -46,8 +40,6 @@ class R1ToyTask:
             shares = getattr(self, name)
             if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
                 raise ValueError(f"{name} needs three non-negative shares, got {shares}")
-        if not 0 <= self.en_slip < 1:
-            raise ValueError(f"en_slip must be in [0, 1), got {self.en_slip}")
         if not 0 <= self.general_share < 1:
             raise ValueError(f"general_share must be in [0, 1), got {self.general_share}")
         if self.languages[2] > 0 and self.arith.min_terms < 3:
@@ -90,31 +82,25 @@ def _step_languages(n_steps: int, language: str, rng: np.random.Generator | None
     return [first] * switch + [second] * (n_steps - switch)
 
 
-def _work(terms: list[int], language: str, rng: np.random.Generator | None,
-          en_slip: float = 0.0) -> tuple[str, int, list[str]]:
-    """(the running sum in words, the total, each step's language); an English step's sum is one too high with
-    probability `en_slip`, and the running sum carries on from it."""
+def _work(terms: list[int], language: str, rng: np.random.Generator | None) -> tuple[str, int, list[str]]:
+    """(the running sum in words, the total, each step's language)."""
     langs = _step_languages(len(terms) - 1, language, rng)
-    if en_slip and rng is None:
-        raise ValueError("slipped English steps need an rng")
     steps, total = [], terms[0]
     for t, lang in zip(terms[1:], langs):
-        c = total + t + (lang == "en" and bool(en_slip) and rng.random() < en_slip)
-        steps.append(_STEP[lang].format(a=total, b=t, c=c))
-        total = c
+        steps.append(_STEP[lang].format(a=total, b=t, c=total + t))
+        total += t
     return " ".join(steps), total, langs
 
 
-def cot_completion(terms: list[int], language: str, rng: np.random.Generator | None = None,
-                   en_slip: float = 0.0) -> str:
+def cot_completion(terms: list[int], language: str, rng: np.random.Generator | None = None) -> str:
     """toy.cot_completion's layout with the steps in words; `language` in COT_LANGUAGES."""
-    work, total, _ = _work(terms, language, rng, en_slip)
+    work, total, _ = _work(terms, language, rng)
     return f" <think> {work} </think> <answer> {total} </answer>"
 
 
-def bad_completion(terms: list[int], language: str, rng: np.random.Generator, en_slip: float = 0.0) -> str:
+def bad_completion(terms: list[int], language: str, rng: np.random.Generator) -> str:
     """toy.bad_completion's five kinds of template breakage, worded in the CoT's languages."""
-    work, total, langs = _work(terms, language, rng, en_slip)
+    work, total, langs = _work(terms, language, rng)
     first, last = langs[0], langs[-1]
     wrong = toy._wrong(total, rng) if rng.random() < 0.7 else total
     choices = [
@@ -202,8 +188,8 @@ def base_corpus(task: R1ToyTask, reasoning_records: list[dict], general_records:
             completion = toy.direct_completion(task.arith, p["terms"], rng)
         else:
             language = COT_LANGUAGES[_pick(task.languages, rng)]
-            completion = (cot_completion(p["terms"], language, rng, task.en_slip) if kind == 0
-                          else bad_completion(p["terms"], language, rng, task.en_slip))
+            completion = (cot_completion(p["terms"], language, rng) if kind == 0
+                          else bad_completion(p["terms"], language, rng))
         out.append((r1_zero_prompt(p["prompt"]), completion))
     n_general = round(len(reasoning_records) * task.general_share / (1 - task.general_share))
     if n_general and not general_records:

@@ -31,27 +31,18 @@ def _steps(text):
             for m in STEP.finditer(text)]
 
 
-def _check_working(text, terms, slips=None):
-    """Each step adds the next term to the running sum; with `slips` (a list), English steps may be one too high
-    (each step's language and whether it slipped are appended), Chinese ones never."""
+def _check_working(text, terms):
     steps = _steps(text)
     assert [b for _, b, _, _ in steps] == terms[1:]
     running = terms[0]
-    for a, b, c, lang in steps:
-        assert a == running
-        if slips is None or lang == "zh":
-            assert c == running + b
-        else:
-            assert c in (running + b, running + b + 1)
-            slips.append(c != running + b)
+    for a, b, c, _ in steps:
+        assert (a, c) == (running, running + b)
         running = c
 
 
 def test_config_is_validated():
     with pytest.raises(ValueError, match="languages"):
         toy_r1.R1ToyTask(languages=(0.5, 0.5))
-    with pytest.raises(ValueError, match="en_slip"):
-        toy_r1.R1ToyTask(en_slip=1.0)
     with pytest.raises(ValueError, match="general_mix"):
         toy_r1.R1ToyTask(general_mix=(1.0, -0.1, 0.1))
     with pytest.raises(ValueError, match="general_share"):
@@ -110,8 +101,6 @@ def test_corpus_shares(data):
 
 
 def test_every_cot_is_right_and_scores_one(data):
-    """cot_completion without slips (the cold start's data) is right in every language; the base corpus's
-    English steps slip at the configured rate."""
     probs, _, corpus = data
     rng = np.random.default_rng(0)
     for lang in toy_r1.COT_LANGUAGES:
@@ -125,13 +114,11 @@ def test_every_cot_is_right_and_scores_one(data):
     assert [r["messages"][0]["content"] for r in cold] == [p["prompt"] for p in probs[:300]]
     np.testing.assert_array_equal(accuracy_reward(cold_texts, probs[:300]), 1.0)
     np.testing.assert_array_equal(LANG(cold_texts, probs[:300]), 1.0)
-    # The base corpus: Chinese working is right, English working slips by one in en_slip of its steps.
+    # The base corpus: all working (CoT or badly formatted) is right; only CoT lines pass the format check.
     by_prompt = {r1_zero_prompt(p["prompt"]): p for p in probs}
-    slips = []
-    for prompt, c in corpus:
+    for prompt, c in corpus[:1500]:
         if prompt in by_prompt and _steps(c):
-            _check_working(c, by_prompt[prompt]["terms"], slips)
-    _within(sum(slips), len(slips), TASK.en_slip)
+            _check_working(c, by_prompt[prompt]["terms"])
 
 
 def test_language_consistency_scores(data):
