@@ -176,6 +176,7 @@ class _Batch:
     data_state: dict  # the prompt stream before their prompts were drawn
     behaviour: object = None  # one-step-off: the sampling view that draws them (checkpointed until they are trained)
     old_logp: jax.Array | None = None  # one-step-off with recompute_old_logp: their log-probs under `behaviour`
+    rows: tuple | None = None  # one-step-off: their prompt and completion rows, already on the device
 
 
 @dataclasses.dataclass
@@ -308,9 +309,9 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         return (put(done.prompt_tokens_BxTp), put(done.prompt_mask_BxTp), put(done.tokens_BxT),
                 put(done.mask_BxT.copy()))  # the host may cut its own copy while the device reads this one
 
-    def queue_forwards(done, old_logp=None) -> dict:
+    def queue_forwards(done, old_logp=None, rows=None) -> dict:
         """The reference and (recomputed) old-policy log-probs of sampled rows, queued on the device."""
-        rows = sampled_rows(done)
+        rows = rows or sampled_rows(done)
         out = {"rows": rows}
         if cfg.recompute_old_logp:
             out["old"] = old_logp if old_logp is not None else logprobs(state.graphdef, state.params, rows)
@@ -341,10 +342,11 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
         return groups, stats
 
     def behaviour_batch(groups, stats, version, data_state, view) -> _Batch:
-        old = logprobs(*nnx.split(view), sampled_rows(groups)) if cfg.recompute_old_logp else None
+        rows = sampled_rows(groups)
+        old = logprobs(*nnx.split(view), rows) if cfg.recompute_old_logp else None
         if old is not None:
             timeline.dispatched("reference", old)
-        return _Batch(groups, stats, version, data_state, view, old)
+        return _Batch(groups, stats, version, data_state, view, old, rows)
 
     def dispatch_update(step: int, batch: _Batch, forwards: dict):
         """Queue `batch`'s update; returns (metrics, step count before it, gap inputs), all on the device."""
@@ -428,7 +430,7 @@ def grpo_stage(ctx: Context, policy: Policy, *, name: str, cfg: RLConfig, train_
                     ahead = behaviour_batch(groups, stats, b.version, b.data_state, b.behaviour)
                 batch, ahead = ahead, None
                 resume["batch"] = batch
-                forwards = queue_forwards(batch.groups, batch.old_logp)
+                forwards = queue_forwards(batch.groups, batch.old_logp, batch.rows)
                 if step + 1 == cfg.steps:
                     flush(until=times["t0"])
                     launched = dispatch_update(step, batch, forwards)
